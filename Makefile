@@ -1,0 +1,33 @@
+# make demo / make test create .venv when missing and install xbmd into it.
+# Every install goes through constraints.txt, which pins the local CPU build of torch.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.xbmd-installed
+PIP    := $(BIN)/python -m pip install --quiet -c constraints.txt
+
+.PHONY: demo test lint bench install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/xbmd demo --out demo_out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PIP) -e '.[dev,bench]'
+	$(BIN)/python benchmarks/bench_drr.py
+
+clean:
+	rm -rf $(VENV) demo_out bench_out .pytest_cache

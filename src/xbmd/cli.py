@@ -1,0 +1,40 @@
+"""The ``xbmd`` command line. Thin: each command parses arguments and calls a library function.
+
+Heavy modules (torch, SimpleITK, pydicom) are imported inside the commands so ``xbmd --help`` is fast.
+Every command module lives in ``xbmd.commands`` and exposes ``main``.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from xbmd.commands import calibrate as _calibrate
+from xbmd.commands import demo as _demo
+from xbmd.commands import drr as _drr
+
+app = typer.Typer(
+    name="xbmd",
+    help="Bone mineral density from a plain hip X-ray: CT calibration, DRR rendering and more.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+app.command("calibrate", help=_calibrate.HELP)(_calibrate.main)
+app.command("drr", help=_drr.HELP)(_drr.main)
+app.command("demo", help=_demo.HELP)(_demo.main)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
+) -> None:
+    if version:
+        from xbmd import __version__
+
+        typer.echo(f"xbmd {__version__}")
+        raise typer.Exit()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""One module per ``xbmd`` command; each exposes ``HELP`` and ``main``."""

@@ -1,0 +1,1 @@
+"""Readers and writers: CT volumes and label maps (``xbmd.io.ct``), X-rays (``xbmd.io.xray``)."""
