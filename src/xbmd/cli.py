@@ -1,7 +1,9 @@
-"""The ``xbmd`` command line. Thin: each command parses arguments and calls a library function.
+"""The ``xbmd`` command line.
 
-Heavy modules (torch, SimpleITK, pydicom) are imported inside the commands so ``xbmd --help`` is fast.
-Every command module lives in ``xbmd.commands`` and exposes ``main``.
+Thin: each command parses arguments and calls a library function.
+
+Heavy modules (torch, SimpleITK, pydicom) are imported inside the commands, so that
+``xbmd --help`` is fast. Every command module lives in ``xbmd.commands`` and exposes ``main``.
 """
 
 from __future__ import annotations

@@ -2,11 +2,11 @@
 
 
 class XbmdError(Exception):
-    """Base class of every error xbmd raises on purpose (bad input, failed fit...)."""
+    """Base class of every error xbmd raises on purpose (bad input, failed fit, ...)."""
 
 
 class InputError(XbmdError):
-    """A file or argument cannot be used: unreadable, wrong modality, missing spacing, absurd values."""
+    """A file or argument cannot be used: unreadable, wrong modality, no spacing, absurd values."""
 
 
 class CalibrationError(XbmdError):
@@ -14,4 +14,4 @@ class CalibrationError(XbmdError):
 
 
 class GeometryError(XbmdError):
-    """A geometry or pose is inconsistent (e.g. a source inside the volume, a degenerate detector)."""
+    """A geometry or pose is inconsistent (a point behind the source, a bad detector)."""

@@ -58,7 +58,11 @@ class Volume:
         source: str | None = None,
     ) -> Volume:
         """Build from ITK-style spacing (i, j, k order, mm), origin (LPS mm) and 3x3 direction."""
-        d = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
+        d = (
+            np.eye(3)
+            if direction is None
+            else np.asarray(direction, dtype=np.float64).reshape(3, 3)
+        )
         affine = np.eye(4)
         affine[:3, :3] = d @ np.diag(np.asarray(spacing_mm, dtype=np.float64))
         affine[:3, 3] = origin_mm
