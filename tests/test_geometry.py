@@ -11,6 +11,7 @@ from xbmd.geometry import (
     PerspectiveGeometry,
     RigidTransform,
     body_to_room,
+    femur_rotation_deg,
     pose_matrices,
 )
 from xbmd.volume import Volume
@@ -135,3 +136,19 @@ def test_volume_affine_respects_direction_cosines():
     np.testing.assert_allclose(world, expected, atol=1e-9)
     np.testing.assert_allclose(vol.world_to_index(world), ijk, atol=1e-9)
     np.testing.assert_allclose(vol.spacing_mm, [0.7, 0.8, 2.5])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_femur_motions_move_the_knee_the_anatomical_way(side):
+    lateral = np.array([1.0, 0, 0]) if side == "left" else np.array([-1.0, 0, 0])
+    anterior = np.array([0, -1.0, 0])
+    shaft = np.array([0, 0, -1.0])  # from the hip down to the knee
+
+    def turned(vec, **motion):
+        return RigidTransform(femur_rotation_deg(side, **motion)).apply(vec)
+
+    assert turned(shaft, flexion_deg=30) @ anterior > 0.4  # knee forward
+    assert turned(shaft, abduction_deg=20) @ lateral > 0.3  # knee out
+    assert turned(anterior, internal_deg=20) @ -lateral > 0.3  # front of femur turns in
+    with pytest.raises(GeometryError):
+        femur_rotation_deg("both")

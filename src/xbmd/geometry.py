@@ -136,6 +136,22 @@ class RigidTransform:
         return p @ self.rotation_matrix.T + np.asarray(self.translation_mm)
 
 
+def femur_rotation_deg(
+    side: str, flexion_deg: float = 0.0, abduction_deg: float = 0.0, internal_deg: float = 0.0
+) -> tuple[float, float, float]:
+    """Pose rotations (rx, ry, rz) in degrees for hip motions of one femur (docs/geometry.md).
+
+    Flexion moves the knee anteriorly (-y), abduction moves it laterally, internal rotation turns
+    the femur's anterior surface medially. With LPS axes the signs depend on the side:
+    flexion = -rx for both sides; abduction = +ry on the right, -ry on the left; internal rotation
+    = +rz on the right, -rz on the left. For combined motions the extrinsic x-y-z order applies.
+    """
+    if side not in ("left", "right"):
+        raise GeometryError(f"side must be 'left' or 'right', not {side!r}")
+    sign = 1.0 if side == "right" else -1.0
+    return (-flexion_deg, sign * abduction_deg, sign * internal_deg)
+
+
 def pose_matrices(params: torch.Tensor) -> torch.Tensor:
     """Differentiable 4x4 matrices from pose vectors.
 

@@ -30,16 +30,7 @@ class TestCT:
     mineral: Volume  # true mineral density, mg/cm3 (0 outside bone and rods)
     hu_per_mg_cm3: float  # scanner's HU per mg/cm3 of hydroxyapatite
     water_hu: float  # HU of water on this scanner (offset)
-
-    def phantom_json(self) -> dict:
-        """The phantom description (rod label -> density) in the calibration JSON format."""
-        return {
-            "name": "xbmd test phantom (B-MAS200-like)",
-            "material": "hydroxyapatite",
-            "rods": [
-                {"label": k, "density_mg_cm3": v} for k, v in sorted(ROD_DENSITIES_MG_CM3.items())
-            ],
-        }
+    femoral_heads_mm: dict  # side -> femoral head centre, LPS mm
 
 
 def hip_test_ct(
@@ -50,6 +41,7 @@ def hip_test_ct(
     hu_per_mg_cm3: float = 1.2,
     water_hu: float = 5.0,
     psf_sigma_mm: float = 0.6,
+    marrow_hu: float = -30.0,
 ) -> TestCT:
     """Build the test CT.
 
@@ -62,6 +54,8 @@ def hip_test_ct(
     hu_per_mg_cm3, water_hu : the scanner's HU scale for hydroxyapatite and its water offset.
     psf_sigma_mm : Gaussian blur of the scanner's point-spread function (0.6 mm: FWHM 1.4 mm, a
         clinical CT); 0 keeps perfectly sharp edges.
+    marrow_hu : water-equivalent HU of the marrow around trabeculae. Fatty marrow (< 0) reads as
+        negative mineral: the known fat error of single-energy QCT (about -25 mg/cm3 here).
     """
     k_n, j_n, i_n = shape
     sx, sy, sz = spacing_mm
@@ -81,9 +75,10 @@ def hip_test_ct(
     labels = np.zeros(hu.shape, np.uint8)
     mineral = np.zeros(hu.shape, np.float32)
 
+    heads = {}
     for side, sign in (("right", -1.0), ("left", 1.0)):
         cx = sign * 0.22 * fov_x  # patient's right is -x (LPS)
-        _femur(x, y, z, cx, mineral, labels, LABELS[f"femur_{side}"])
+        heads[side] = _femur(x, y, z, cx, mineral, labels, LABELS[f"femur_{side}"])
         _hemipelvis(x, y, z, cx, mineral, labels, LABELS[f"pelvis_{side}"])
 
     # table under the patient (posterior) and the rods lying on it
@@ -98,7 +93,7 @@ def hip_test_ct(
         mineral[rod] = dens
 
     bone = mineral > 0
-    hu[bone] = np.where(labels[bone] >= 101, 0.0, -30.0)  # resin / fatty marrow base
+    hu[bone] = np.where(labels[bone] >= 101, 0.0, marrow_hu)  # rods: water-equivalent resin
     hu = hu + hu_per_mg_cm3 * mineral
     hu[hu > -1000] += water_hu
     if psf_sigma_mm > 0:
@@ -116,11 +111,14 @@ def hip_test_ct(
         mineral=vol(mineral, "mg/cm3"),
         hu_per_mg_cm3=hu_per_mg_cm3,
         water_hu=water_hu,
+        femoral_heads_mm=heads,
     )
 
 
-def _femur(x, y, z, cx, mineral, labels, label_id) -> None:
-    """Femoral head (sphere), neck (tilted cylinder) and shaft with cortex and canal."""
+def _femur(x, y, z, cx, mineral, labels, label_id) -> np.ndarray:
+    """Femoral head (sphere), neck (tilted cylinder) and shaft with cortex and canal.
+
+    Returns the head centre (LPS mm)."""
     head_c = np.array([cx, 5.0, 40.0])
     shaft_x = cx + np.sign(cx) * 40.0
     r_head = 23.0
@@ -144,6 +142,7 @@ def _femur(x, y, z, cx, mineral, labels, label_id) -> None:
     region = np.broadcast_to(femur & ~canal, mineral.shape)
     mineral[region] = np.broadcast_to(dens, mineral.shape)[region]
     labels[region] = label_id
+    return head_c
 
 
 def _hemipelvis(x, y, z, cx, mineral, labels, label_id) -> None:

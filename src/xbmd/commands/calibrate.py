@@ -1,12 +1,82 @@
-"""`xbmd calibrate` (placeholder until implemented)."""
+"""`xbmd calibrate`: fit a CT's HU -> mg/cm3 hydroxyapatite line and write it as JSON."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
-HELP = "calibrate (not implemented yet)."
+from xbmd.commands._common import user_errors
+
+HELP = """Calibrate a CT: fit density (mg/cm3 hydroxyapatite) = slope * HU + intercept.
+
+With a phantom: xbmd calibrate CT --labels RODS --phantom bmas200 --out cal.json
+(--phantom takes a phantom JSON file or a bundled name; RODS labels each rod with its label).
+
+Without one: xbmd calibrate CT --phantomless --out cal.json [--kvp 120]
+(air, fat and muscle found automatically; or give --labels L --tissue-labels air=1,fat=2,muscle=3).
+Phantom-less calibration is less exact: see docs/calibration.md.
+"""
 
 
-def main() -> None:
-    typer.echo("not implemented yet", err=True)
-    raise typer.Exit(code=2)
+def main(
+    ct: Annotated[
+        Path,
+        typer.Argument(metavar="CT", help="CT in HU: NIfTI, NRRD, MetaImage or a DICOM series."),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Calibration JSON to write.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="Label map on the CT grid: phantom rods, or reference tissues."),
+    ] = None,
+    phantom: Annotated[
+        str | None,
+        typer.Option(help="Phantom description JSON, or a bundled phantom name (bmas200)."),
+    ] = None,
+    phantomless: Annotated[
+        bool, typer.Option("--phantomless", help="Calibrate from air, fat and muscle, no phantom.")
+    ] = False,
+    tissue_labels: Annotated[
+        str | None,
+        typer.Option(help="Tissue label values in --labels, e.g. air=1,fat=2,muscle=3."),
+    ] = None,
+    kvp: Annotated[
+        float | None,
+        typer.Option(help="Tube voltage (phantom-less); default from DICOM, else 120 assumed."),
+    ] = None,
+    no_erode: Annotated[
+        bool, typer.Option("--no-erode", help="Use whole regions (default: erode one voxel).")
+    ] = False,
+) -> None:
+    with user_errors():
+        from xbmd import calibration
+        from xbmd.errors import InputError
+        from xbmd.io.ct import read_ct, read_labels
+
+        if phantomless == (phantom is not None):
+            raise InputError("give either --phantom P.json (or a bundled name) or --phantomless")
+        if phantom is not None and labels is None:
+            raise InputError("--phantom needs --labels: a label map of the phantom's rods")
+        if tissue_labels is not None and labels is None:
+            raise InputError("--tissue-labels needs --labels: the label map they refer to")
+        if phantomless and labels is not None and tissue_labels is None:
+            raise InputError(
+                "with --phantomless, --labels needs --tissue-labels (e.g. air=1,fat=2,muscle=3)"
+            )
+
+        if phantom is not None:
+            description = calibration.load_phantom(phantom)  # before reading a large CT
+            volume = read_ct(ct)
+            rods = read_labels(labels, reference=volume)
+            result = calibration.phantom_calibration(volume, rods, description, erode=not no_erode)
+        else:
+            tissues = calibration.parse_tissue_labels(tissue_labels) if tissue_labels else None
+            volume = read_ct(ct)
+            tissue_map = read_labels(labels, reference=volume) if labels is not None else None
+            result = calibration.phantomless_calibration(
+                volume, tissue_map, tissues, kvp=kvp, erode=not no_erode
+            )
+        result.to_json(out)
+        typer.echo(result.summary())
+        typer.echo(f"wrote {out}")
