@@ -147,7 +147,8 @@ def main() -> None:
 
     test = hip_test_ct()
     k, j, i = test.ct.shape
-    print(f"CT {i} x {j} x {k} voxels, spacing {tuple(test.ct.spacing_mm)} mm (hip test CT)")
+    spacing = " x ".join(f"{v:g}" for v in test.ct.spacing_mm)
+    print(f"CT {i} x {j} x {k} voxels, spacing {spacing} mm (hip test CT)")
     mu = Volume(volume_values(test.ct, "attenuation"), test.ct.affine, "1/cm", "mu")
     mha = work / "mu.mha"
     sitk.WriteImage(volume_to_sitk(mu), str(mha))
@@ -203,8 +204,8 @@ def main() -> None:
     probe = [sys.executable, __file__, "--threads", str(args.threads), "--memory-probe", str(mha)]
     res, _ = peak_rss_mib(probe)
     before, after = (float(v) for v in res.stdout.split()[-2:])
-    print(f"  peak RSS: xbmd process (load + prepare + render) {after:.0f} MiB, of which "
-          f"{before:.0f} MiB before rendering; plastimatch {pm_peak:.0f} MiB; "
+    print(f"  peak RSS: xbmd process (load + prepare + render) {after:.0f} MiB, rendering "
+          f"raised it by {after - before:.0f} MiB; plastimatch {pm_peak:.0f} MiB; "
           f"CT as float32 {test.ct.data.nbytes / 2**20:.0f} MiB")  # fmt: skip
 
     # --- batch of 16 poses, 128 x 128

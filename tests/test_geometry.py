@@ -152,3 +152,10 @@ def test_femur_motions_move_the_knee_the_anatomical_way(side):
     assert turned(anterior, internal_deg=20) @ -lateral > 0.3  # front of femur turns in
     with pytest.raises(GeometryError):
         femur_rotation_deg("both")
+
+
+def test_positive_rx_tilts_the_pelvis_anteriorly():
+    tilted = RigidTransform((10.0, 0.0, 0.0))
+    iliac_crest, sacrum = np.array([0, 0, 100.0]), np.array([0, 60.0, 0])
+    assert tilted.apply(iliac_crest)[1] < 0  # the top of the pelvis moves anteriorly
+    assert tilted.apply(sacrum)[2] > 0  # the sacrum rises

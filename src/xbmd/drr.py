@@ -10,7 +10,7 @@ and add ``value x (ray length between planes)``. This is the integral of the vol
 linearly along the slab axis and bilinearly in the plane, sampled at one point per voxel plane
 along the dominant axis (``oversample`` > 1 adds linearly interpolated sub-planes, i.e. trilinear
 sampling at a step of 1/oversample voxel). Each plane is a 2D ``grid_sample``, which PyTorch
-vectorises well on CPU, unlike 3D trilinear sampling (measured about 60x slower per sample here,
+vectorises well on CPU, unlike 3D trilinear sampling (measured about 100x slower per sample here,
 see docs/benchmarks.md).
 
 Units: volume values in mg/cm3 give areal density in g/cm2 (x 1e-4 per mm); values in 1/cm give
