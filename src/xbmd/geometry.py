@@ -196,7 +196,17 @@ class _Detector:
     principal_point_px: tuple[float, float] | None
     view: str
 
-    def _check(self) -> None:
+    def _set_detector(self, size_px, pixel_spacing_mm, principal_point_px, view) -> None:
+        """Store and check the detector fields (frozen dataclass: via object.__setattr__)."""
+        spacing = (
+            (float(pixel_spacing_mm),) * 2
+            if np.isscalar(pixel_spacing_mm)
+            else tuple(float(v) for v in pixel_spacing_mm)
+        )
+        object.__setattr__(self, "size_px", tuple(int(v) for v in size_px))
+        object.__setattr__(self, "pixel_spacing_mm", spacing)
+        object.__setattr__(self, "principal_point_px", principal_point_px)
+        object.__setattr__(self, "view", view)
         rows, cols = self.size_px
         if rows < 1 or cols < 1:
             raise GeometryError(f"detector size must be positive, got {self.size_px}")
@@ -242,8 +252,8 @@ class PerspectiveGeometry(_Detector):
     view : 'ap' or 'pa'.
     """
 
-    sdd_mm: float = 1000.0
-    sod_mm: float = 800.0
+    sdd_mm: float
+    sod_mm: float
 
     def __init__(
         self,
@@ -254,18 +264,9 @@ class PerspectiveGeometry(_Detector):
         principal_point_px: tuple[float, float] | None = None,
         view: str = "ap",
     ) -> None:
-        sp = (
-            (float(pixel_spacing_mm),) * 2
-            if np.isscalar(pixel_spacing_mm)
-            else tuple(float(v) for v in pixel_spacing_mm)
-        )
-        object.__setattr__(self, "size_px", tuple(int(v) for v in size_px))
-        object.__setattr__(self, "pixel_spacing_mm", sp)
-        object.__setattr__(self, "principal_point_px", principal_point_px)
-        object.__setattr__(self, "view", view)
+        self._set_detector(size_px, pixel_spacing_mm, principal_point_px, view)
         object.__setattr__(self, "sdd_mm", float(sdd_mm))
         object.__setattr__(self, "sod_mm", float(sod_mm))
-        self._check()
         if not 0 < self.sod_mm < self.sdd_mm:
             raise GeometryError(
                 f"need 0 < SOD < SDD, got SOD {self.sod_mm} mm and SDD {self.sdd_mm} mm"
@@ -316,16 +317,7 @@ class ParallelGeometry(_Detector):
         principal_point_px: tuple[float, float] | None = None,
         view: str = "ap",
     ) -> None:
-        sp = (
-            (float(pixel_spacing_mm),) * 2
-            if np.isscalar(pixel_spacing_mm)
-            else tuple(float(v) for v in pixel_spacing_mm)
-        )
-        object.__setattr__(self, "size_px", tuple(int(v) for v in size_px))
-        object.__setattr__(self, "pixel_spacing_mm", sp)
-        object.__setattr__(self, "principal_point_px", principal_point_px)
-        object.__setattr__(self, "view", view)
-        self._check()
+        self._set_detector(size_px, pixel_spacing_mm, principal_point_px, view)
 
     @property
     def magnification(self) -> float:

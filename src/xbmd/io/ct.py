@@ -13,6 +13,7 @@ MetaImage fields), so ``read_volume`` can read a calibrated mg/cm3 volume back w
 from __future__ import annotations
 
 import gzip
+import io
 import re
 import struct
 import warnings
@@ -20,6 +21,7 @@ import zlib
 from collections import Counter
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pydicom
 import SimpleITK as sitk
@@ -340,30 +342,19 @@ def _check_nifti_header(path: Path) -> None:
 
 
 def _nifti_raw_header(path: Path) -> dict:
-    """The NIfTI-1 (348-byte) or NIfTI-2 (540-byte) header fields checked above."""
+    """The NIfTI-1 or NIfTI-2 header fields checked above, parsed by nibabel from the raw bytes
+    (gzip detected by content, since ITK also reads an uncompressed file named .nii.gz)."""
     with _open_maybe_gzip(path) as f:
         raw = f.read(540)
-    for endian in "<>":
-        size = struct.unpack_from(f"{endian}i", raw, 0)[0]
-        if size == 348 and len(raw) >= 348:
-            return {
-                "dim": struct.unpack_from(f"{endian}8h", raw, 40),
-                "bitpix": struct.unpack_from(f"{endian}h", raw, 72)[0],
-                "pixdim": struct.unpack_from(f"{endian}8f", raw, 76),
-                "vox_offset": struct.unpack_from(f"{endian}f", raw, 108)[0],
-                "qform_code": struct.unpack_from(f"{endian}h", raw, 252)[0],
-                "sform_code": struct.unpack_from(f"{endian}h", raw, 254)[0],
-            }
-        if size == 540 and len(raw) >= 540:
-            return {
-                "dim": struct.unpack_from(f"{endian}8q", raw, 16),
-                "bitpix": struct.unpack_from(f"{endian}h", raw, 14)[0],
-                "pixdim": struct.unpack_from(f"{endian}8d", raw, 104),
-                "vox_offset": struct.unpack_from(f"{endian}q", raw, 168)[0],
-                "qform_code": struct.unpack_from(f"{endian}i", raw, 344)[0],
-                "sform_code": struct.unpack_from(f"{endian}i", raw, 348)[0],
-            }
-    raise InputError(f"{path}: not a NIfTI file (header size is neither 348 nor 540 bytes)")
+    sizes = (
+        {int.from_bytes(raw[:4], order) for order in ("little", "big")} if len(raw) >= 4 else set()
+    )
+    kind = nibabel.Nifti1Header if 348 in sizes else nibabel.Nifti2Header if 540 in sizes else None
+    if kind is None or len(raw) < kind.template_dtype.itemsize:
+        raise InputError(f"{path}: not a NIfTI file (header size is neither 348 nor 540 bytes)")
+    hdr = kind.from_fileobj(io.BytesIO(raw), check=False)
+    fields = ("dim", "pixdim", "bitpix", "vox_offset", "qform_code", "sform_code")
+    return {name: hdr[name].tolist() for name in fields}
 
 
 def _is_gzip(path: Path) -> bool:
