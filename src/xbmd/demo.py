@@ -90,7 +90,7 @@ def run_demo(out_dir: Path, log=print) -> list[SideResult]:
 
     log("4/5 DXA-like parallel projections of each femur (0.5 mm pixels)")
     results = []
-    par = ParallelGeometry((260, 200), 0.5)
+    par = ParallelGeometry((440, 220), 0.5)  # 220 x 110 mm: the whole femur in the CT
     for side in ("right", "left"):
         label = LABELS[f"femur_{side}"]
         femur = prepare_volume(
