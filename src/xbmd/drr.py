@@ -70,7 +70,7 @@ class RenderVolume:
 
     @property
     def output_unit(self) -> str:
-        return "g/cm2" if self.quantity == "density" else "1"
+        return "g/cm2" if self.quantity == "density" else "unitless"
 
     @property
     def output_scale(self) -> float:

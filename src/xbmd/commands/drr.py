@@ -111,7 +111,7 @@ def main(
         out.parent.mkdir(parents=True, exist_ok=True)
         np.save(out, image.astype(np.float32))
         preview = out.with_suffix(".png")
-        unit = "g/cm2" if quantity == Quantity.density else "(unitless)"
+        unit = body.output_unit
         write_preview_png(image, preview, unit=unit, title=f"{volume.name} {quantity.value}")
         typer.echo(
             f"{out}: {size[0]}x{size[1]} {geometry.value} {view.value.upper()} DRR, "
