@@ -135,6 +135,7 @@ def neutral_projection(
     """
     if density.unit != units.MG_CM3:
         raise InputError(f"femur measures need a density volume in mg/cm3, not {density.unit}")
+    density, labels = crop_to_label(density, labels, label_id)
     pose = neutral_pose(landmarks)
     lm_room = landmarks.transformed(pose.matrix() @ _translation(-landmarks.head_center_mm))
     geometry = _neutral_detector(lm_room, pixel_mm)
@@ -154,6 +155,28 @@ def neutral_projection(
     silhouette = chord_mm > SILHOUETTE_CHORD_MM
     total, neck = _regions(geometry, lm_room, silhouette)
     return NeutralProjection(abmd, silhouette, total, neck, geometry, lm_room)
+
+
+def crop_to_label(
+    volume: Volume, labels: Volume, label_id: int, margin_vox: int = 2
+) -> tuple[Volume, Volume]:
+    """``volume`` and ``labels`` cropped to the box of ``label_id`` plus a margin (same world)."""
+    if not volume.same_grid(labels):
+        raise InputError(f"label map {labels.source or ''} is not on the grid of the volume")
+    present = labels.data == label_id
+    if not present.any():
+        raise InputError(f"label {label_id} not found in {labels.source or 'the label map'}")
+    box = []
+    for axis in range(3):
+        idx = np.nonzero(present.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        box.append(slice(max(idx[0] - margin_vox, 0), idx[-1] + 1 + margin_vox))
+    offset = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.index_to_world(offset)
+    crop = lambda v: Volume(  # noqa: E731
+        np.ascontiguousarray(v.data[tuple(box)]), affine, v.unit, v.source, dict(v.meta)
+    )
+    return crop(volume), crop(labels)
 
 
 def _translation(offset_mm: np.ndarray) -> np.ndarray:
