@@ -13,10 +13,14 @@ import typer
 from xbmd.commands import calibrate as _calibrate
 from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
+from xbmd.commands import synth as _synth
 
 app = typer.Typer(
     name="xbmd",
-    help="Bone mineral density from a plain hip X-ray: CT calibration, DRR rendering and more.",
+    help=(
+        "Bone mineral density from a plain hip X-ray: CT calibration, DRR rendering, "
+        "a virtual QCT cohort and more."
+    ),
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -24,6 +28,7 @@ app = typer.Typer(
 
 app.command("calibrate", help=_calibrate.HELP)(_calibrate.main)
 app.command("drr", help=_drr.HELP)(_drr.main)
+app.command("synth", help=_synth.HELP)(_synth.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 
 

@@ -154,9 +154,7 @@ def sample_geometry(
     sdd = float(rng.uniform(1000.0, 1200.0))
     back_mm = _posterior_skin_y(anatomy) - anatomy.pelvis_center_mm[1]
     sod = sdd - (back_mm + TABLE_TO_DETECTOR_MM)
-    size = tuple(
-        round(mm / pixel_spacing_mm / SOFT_FACTOR) * SOFT_FACTOR for mm in DETECTOR_MM
-    )
+    size = tuple(round(mm / pixel_spacing_mm / SOFT_FACTOR) * SOFT_FACTOR for mm in DETECTOR_MM)
     return PerspectiveGeometry(sdd, sod, size, pixel_spacing_mm)
 
 
@@ -214,8 +212,18 @@ class SceneBodies:
             mu = np.where(inside, bone_mu + (femur_soft if name != "pelvis" else 0), 0)
             self.bones[name] = prepare_volume(volume(mu), "attenuation")
 
-    def line_integral(self, poses: dict[str, BodyPose], geometry: PerspectiveGeometry):
-        """Total dimensionless line integral (rows, cols) for the given body poses."""
+    def line_integral(
+        self,
+        poses: dict[str, BodyPose],
+        geometry: PerspectiveGeometry,
+        soft_scale: float = 1.0,
+        bone_scale: float = 1.0,
+    ) -> np.ndarray:
+        """Total dimensionless line integral (rows, cols) for the given body poses.
+
+        ``soft_scale`` and ``bone_scale`` rescale the soft-tissue and bone attenuation to another
+        effective energy (ratios of mu_water and of bone_excess_cm2_g) without rebuilding.
+        """
 
         def vec(p: BodyPose) -> torch.Tensor:
             return torch.as_tensor(p.transform.as_vector(), dtype=torch.float64)
@@ -228,7 +236,9 @@ class SceneBodies:
                 bodies.append(body)
                 bone_poses.append(vec(poses[name]))
             bone = render(bodies, bone_poses, _coarse(geometry, BONE_FACTOR))
-        return (_upsample(soft, SOFT_FACTOR) + _upsample(bone, BONE_FACTOR))[0]
+        return (
+            soft_scale * _upsample(soft, SOFT_FACTOR) + bone_scale * _upsample(bone, BONE_FACTOR)
+        )[0]
 
 
 def projected_landmarks(

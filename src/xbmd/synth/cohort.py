@@ -1,0 +1,456 @@
+"""``xbmd synth``: write a virtual QCT cohort (CT, labels, phantom, X-rays, truth, manifest).
+
+Per case (docs/data-format.md, "Virtual cohort"):
+
+    DIR/cases/<case_id>/ct.nii.gz        CT in HU (int16)
+                       labels.nii.gz    bones 1-4, phantom rods 101-105
+                       phantom.json     rod densities (cases with a phantom)
+                       landmarks.json   femur landmarks (xbmd.landmarks)
+                       xray_NN.dcm/.png AP radiographs (DICOM DX and 16-bit PNG)
+                       truth.json       patient, per-side BMD truth, scanner, per X-ray poses
+    DIR/manifest.csv   one row per case (xbmd.manifest)
+    DIR/dxa.csv        simulated DXA results (truth + precision noise), as a hospital has them
+    DIR/cohort.json    seed, settings, version, failures
+
+Every case is generated from its patient's own seed, so a case is identical whatever the number
+of workers or the order in which cases finish.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from xbmd import __version__
+from xbmd.calibration import Calibration
+from xbmd.errors import InputError
+from xbmd.femur import measure_femur, neutral_projection
+from xbmd.io.ct import write_volume
+from xbmd.io.xray import write_xray_dicom, write_xray_png
+from xbmd.landmarks import write_landmarks
+from xbmd.manifest import ManifestCase, read_manifest, write_manifest
+from xbmd.synth import anatomy as anatomy_mod
+from xbmd.synth import radiograph
+from xbmd.synth.model import BONE_LABELS, Anatomy, Patient
+from xbmd.synth.population import sample_patients
+from xbmd.synth.scanner import (
+    ROD_DENSITIES_MG_CM3,
+    Scanner,
+    sample_scanner,
+    scan,
+    soft_tissue_at_kvp,
+)
+from xbmd.synth.xray_scene import SceneBodies, body_poses, projected_landmarks, sample_geometry
+from xbmd.synth.xray_scene import sample_motions as sample_xray_motions
+from xbmd.tscore import t_score, who_category
+from xbmd.volume import Volume
+
+SIDES = ("left", "right")
+FEMUR_LABEL = {"right": BONE_LABELS["femur_right"], "left": BONE_LABELS["femur_left"]}
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """Settings of a cohort (recorded in cohort.json).
+
+    ct_spacing_mm : isotropic CT voxel size, mm.
+    xray_spacing_mm : detector pixel size of the radiographs, mm (clinical detectors: 0.14-0.2;
+        coarser here to keep the cohort small: the CT's 1 mm voxels bound the detail anyway).
+    poses : radiographs per patient (the first is a well-positioned standard AP).
+    phantomless_fraction : share of cases scanned without the calibration phantom.
+    dxa_precision : relative SD of the simulated DXA measurement (1 %: a good DXA centre).
+    """
+
+    ct_spacing_mm: float = 1.0
+    xray_spacing_mm: float = 0.3
+    poses: int = 4
+    phantomless_fraction: float = 0.15
+    dxa_precision: float = 0.01
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    ok: bool
+    seconds: float
+    manifest: ManifestCase | None = None
+    dxa_rows: list | None = None
+    error: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------
+# Bone mineral scaling
+
+
+def _blur(data: np.ndarray, sigma_vox: np.ndarray) -> np.ndarray:
+    return ndimage.gaussian_filter(data.astype(np.float32), sigma_vox, mode="nearest")
+
+
+def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanner) -> dict:
+    """Scale each femur's mineral so its CT total-hip aBMD equals the patient's target.
+
+    The CT a calibration sees is ``blur(soft(kVp))/slope + blur(mineral)`` (mg/cm3), linear in the
+    mineral scale s, so aBMD(s) = s * A_mineral + A_rest is solved exactly on the noise-free,
+    blurred components (noise averages out in the region). The pelvis gets the mean scale.
+    Returns {side: scale, 'pelvis': scale}; the anatomy's mineral is scaled in place.
+    """
+    spacing = np.linalg.norm(anatomy.affine[:3, :3], axis=0)[::-1]  # (z, y, x) mm
+    sigma = scanner.psf_sigma_mm / spacing
+    soft = soft_tissue_at_kvp(anatomy.soft_tissue_hu, scanner.kvp) / scanner.hu_per_mg_cm3
+    grid = Volume(np.zeros((1, 1, 1), np.float32), anatomy.affine, "mg/cm3")
+    labels = grid.with_data(anatomy.labels, unit="label")
+    scales = {}
+    for side in SIDES:
+        label = FEMUR_LABEL[side]
+        own = np.where(anatomy.mineral_owner == label, anatomy.mineral_mg_cm3, 0)
+        rest = _blur(soft, sigma) + _blur(anatomy.mineral_mg_cm3 - own, sigma)
+        lm = anatomy.landmarks[side]
+        a_min = _roi_mean(neutral_projection(grid.with_data(_blur(own, sigma)), labels, label, lm))
+        a_rest = _roi_mean(neutral_projection(grid.with_data(rest), labels, label, lm))
+        target = patient.total_hip_abmd_g_cm2[side]
+        scales[side] = float(np.clip((target - a_rest) / a_min, 0.3, 3.0))
+    scales["pelvis"] = float(np.mean([scales[s] for s in SIDES]))
+    factor = np.ones(256, np.float32)
+    for name, ident in BONE_LABELS.items():
+        factor[ident] = scales[name.split("_")[1]] if name.startswith("femur") else scales["pelvis"]
+    anatomy.mineral_mg_cm3 *= factor[anatomy.mineral_owner]
+    return scales
+
+
+def _roi_mean(proj) -> float:
+    return float(proj.abmd_g_cm2[proj.total_hip_roi].mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# One case
+
+
+def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> dict:
+    """Generate one case into ``case_dir`` (created); returns its truth dict."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(patient.seed)
+    shape = anatomy_mod.sample_shape(patient, rng)
+    spacing = (settings.ct_spacing_mm,) * 3
+    anatomy = anatomy_mod.build_anatomy(patient, shape, spacing_mm=spacing, rng=rng)
+    scanner = sample_scanner(rng)
+    has_phantom = bool(rng.random() >= settings.phantomless_fraction)
+    scales = scale_mineral_to_targets(anatomy, patient, scanner)
+    result = scan(anatomy, scanner, rng, phantom=has_phantom)
+    case_dir.mkdir(parents=True, exist_ok=True)
+    write_volume(result.ct, case_dir / "ct.nii.gz")
+    write_volume(result.labels, case_dir / "labels.nii.gz")
+    write_landmarks(anatomy.landmarks, case_dir / "landmarks.json")
+    if has_phantom:
+        _write_phantom(case_dir / "phantom.json")
+    true_line = Calibration.given(
+        1.0 / scanner.hu_per_mg_cm3,
+        -scanner.water_hu / scanner.hu_per_mg_cm3,
+        note="the simulated scanner's true HU scale",
+    )
+    density = true_line.apply(result.ct)
+    sides = {}
+    for side in SIDES:
+        bmd = measure_femur(density, result.labels, FEMUR_LABEL[side], anatomy.landmarks[side])
+        sides[side] = bmd.to_dict() | {
+            "target_abmd_g_cm2": round(patient.total_hip_abmd_g_cm2[side], 6),
+            "mineral_scale": round(scales[side], 5),
+        }
+    t_ct = time.perf_counter() - t0
+    xrays = _radiographs(anatomy, patient, settings, rng, case_dir)
+    return {
+        "format": "xbmd-virtual-case",
+        "format_version": 1,
+        "xbmd_version": __version__,
+        "case_id": case_dir.name,
+        "patient": {
+            "patient_id": patient.patient_id,
+            "age_years": round(patient.age_years, 2),
+            "sex": patient.sex,
+            "height_cm": round(patient.height_cm, 1),
+            "weight_kg": round(patient.weight_kg, 1),
+            "bone_z": round(patient.bone_z, 4),
+            "seed": patient.seed,
+        },
+        "sides": sides,
+        "definitions": "docs/bmd-definitions.md (xbmd.femur)",
+        "ct": {
+            "file": "ct.nii.gz",
+            "labels": "labels.nii.gz",
+            "label_map": {
+                **BONE_LABELS,
+                **{f"rod_{d:g}": k for k, d in ROD_DENSITIES_MG_CM3.items()},
+            }
+            if has_phantom
+            else dict(BONE_LABELS),
+            "spacing_mm": list(spacing),
+            "shape_kji": list(result.ct.shape),
+            "has_phantom": has_phantom,
+            "scanner": scanner.to_dict(),
+            "true_calibration": {
+                "slope_mg_cm3_per_hu": true_line.slope_mg_cm3_per_hu,
+                "intercept_mg_cm3": true_line.intercept_mg_cm3,
+            },
+        },
+        "anatomy": anatomy.meta,
+        "landmarks": "landmarks.json",
+        "xrays": xrays,
+        "timing_s": {"ct": round(t_ct, 2), "total": round(time.perf_counter() - t0, 2)},
+    }
+
+
+def _write_phantom(path: Path) -> None:
+    rods = [
+        {"label": k, "name": f"HA {d:g}", "density_mg_cm3": d}
+        for k, d in sorted(ROD_DENSITIES_MG_CM3.items())
+    ]
+    doc = {"name": "B-MAS200-like (simulated)", "material": "hydroxyapatite", "rods": rods}
+    path.write_text(json.dumps(doc, indent=1))
+
+
+def _radiographs(
+    anatomy: Anatomy, patient: Patient, settings: SynthSettings, rng, case_dir: Path
+) -> list[dict]:
+    """Render, expose and write the patient's radiographs; returns their truth records."""
+    bodies, reference = None, None
+    out = []
+    for n in range(settings.poses):
+        device = radiograph.sample_device(rng)
+        att = radiograph.attenuation_at(device.effective_energy_kev)
+        if bodies is None:
+            bodies = SceneBodies(anatomy, att.mu_water_per_cm, att.bone_excess_cm2_g)
+            reference = att
+        geometry = sample_geometry(rng, anatomy, settings.xray_spacing_mm)
+        motions = sample_xray_motions(rng, standard=(n == 0))
+        poses = body_poses(anatomy, motions)
+        line = bodies.line_integral(
+            poses,
+            geometry,
+            soft_scale=att.mu_water_per_cm / reference.mu_water_per_cm,
+            bone_scale=att.bone_excess_cm2_g / reference.bone_excess_cm2_g,
+        )
+        field = radiograph.collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
+        marker = str(rng.choice(["R", "L"]))
+        pixels, exposure = radiograph.expose(
+            line,
+            pixel_spacing_mm=geometry.pixel_spacing_mm,
+            device=device,
+            rng=rng,
+            field_mask=field,
+            marker=marker,
+            geometry=geometry,
+        )
+        name = f"xray_{n + 1:02d}"
+        write_xray_dicom(
+            pixels,
+            case_dir / f"{name}.dcm",
+            pixel_spacing_mm=geometry.pixel_spacing_mm,
+            photometric=device.photometric,
+            sdd_mm=geometry.sdd_mm,
+            sod_mm=geometry.sod_mm,
+            patient_age_years=patient.age_years,
+            patient_sex=patient.sex,
+            patient_id=patient.patient_id,
+            bits_stored=device.bits_stored,
+            extra={
+                "Manufacturer": device.manufacturer,
+                "ManufacturerModelName": device.model,
+                "KVP": device.kvp,
+            },
+        )
+        write_xray_png(pixels, case_dir / f"{name}.png", bits=16)
+        out.append(
+            {
+                "name": name,
+                "dicom": f"{name}.dcm",
+                "png": f"{name}.png",
+                "geometry": {
+                    "view": geometry.view,
+                    "sdd_mm": round(geometry.sdd_mm, 4),
+                    "sod_mm": round(geometry.sod_mm, 4),
+                    "size_px": list(geometry.size_px),
+                    "pixel_spacing_mm": list(geometry.pixel_spacing_mm),
+                    "principal_point_px": list(geometry.principal_point),
+                },
+                "poses": {name_: p.to_dict() for name_, p in poses.items()},
+                "motions": motions,
+                "projected_landmarks": projected_landmarks(anatomy, poses, geometry),
+                "marker": marker,
+                "device": device.to_dict(),
+                "exposure": exposure,
+            }
+        )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The cohort
+
+
+def _case_entry(truth: dict, case_dir: Path, dxa: dict) -> ManifestCase:
+    ct = truth["ct"]
+    has_phantom = ct["has_phantom"]
+    return ManifestCase(
+        case_id=truth["case_id"],
+        patient_id=truth["patient"]["patient_id"],
+        ct=case_dir / ct["file"],
+        labels=case_dir / ct["labels"],
+        label_map=dict(BONE_LABELS),
+        calibration="phantom" if has_phantom else "phantomless",
+        phantom=str(case_dir / "phantom.json") if has_phantom else None,
+        kvp=ct["scanner"]["kvp"],
+        xrays=[case_dir / x["dicom"] for x in truth["xrays"]],
+        landmarks=case_dir / truth["landmarks"],
+        known_poses=case_dir / "truth.json",
+        age_years=truth["patient"]["age_years"],
+        sex=truth["patient"]["sex"],
+        dxa_g_cm2=dxa,
+    )
+
+
+def _simulated_dxa(truth: dict, precision: float, seed: int) -> dict:
+    """DXA results: truth times (1 + N(0, precision)), one draw per value, from the case seed."""
+    rng = np.random.default_rng([seed, 2024])
+    out = {}
+    for side in SIDES:
+        s = truth["sides"][side]
+        out[f"dxa_total_hip_{side}_g_cm2"] = s["ct_abmd_g_cm2"] * (1 + rng.normal(0, precision))
+        out[f"dxa_neck_{side}_g_cm2"] = s["neck_abmd_g_cm2"] * (1 + rng.normal(0, precision))
+    return {k: round(float(v), 4) for k, v in out.items()}
+
+
+def _run_case(patient: Patient, settings: SynthSettings, out: Path) -> CaseResult:
+    """Worker: generate one case atomically (temp folder, then rename); never raises."""
+    import torch
+
+    torch.set_num_threads(1)
+    case_id = f"case_{patient.patient_id}"
+    final = out / "cases" / case_id
+    t0 = time.perf_counter()
+    if (final / "truth.json").exists():  # resumed: finished earlier
+        truth = json.loads((final / "truth.json").read_text())
+    else:
+        tmp = out / "cases" / f".{case_id}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            truth = generate_case(patient, settings, tmp)
+            (tmp / "truth.json").write_text(json.dumps(truth, indent=1))
+        except Exception as exc:  # one case's failure must not stop the cohort
+            shutil.rmtree(tmp, ignore_errors=True)
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            return CaseResult(case_id, False, time.perf_counter() - t0, error=detail)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    dxa = _simulated_dxa(truth, settings.dxa_precision, patient.seed)
+    rows = []
+    for side in SIDES:
+        th = dxa[f"dxa_total_hip_{side}_g_cm2"]
+        t = t_score(th, "total_hip", patient.sex)
+        rows.append(
+            {
+                "case_id": case_id,
+                "patient_id": patient.patient_id,
+                "side": side,
+                "total_hip_g_cm2": th,
+                "femoral_neck_g_cm2": dxa[f"dxa_neck_{side}_g_cm2"],
+                "total_hip_t_score": round(t, 2),
+                "who_category": who_category(t),
+            }
+        )
+    return CaseResult(case_id, True, time.perf_counter() - t0, _case_entry(truth, final, dxa), rows)
+
+
+def generate_cohort(
+    out: str | Path,
+    cases: int,
+    seed: int,
+    settings: SynthSettings | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Generate ``cases`` virtual patients into ``out``; returns the cohort summary.
+
+    Cases already finished in ``out`` (same seed and settings) are kept, so an interrupted run
+    resumes. A failing case is reported in the summary (and cohort.json) and the rest go on.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    settings = settings or SynthSettings()
+    _check_resumable(out, seed, settings)
+    patients = sample_patients(cases, seed)
+    workers = max(1, min(workers or os.cpu_count() or 1, cases))
+    results: list[CaseResult] = []
+    bar = tqdm(total=cases, desc="synth", unit="case", disable=not progress)
+    if workers == 1:
+        for p in patients:
+            results.append(_run_case(p, settings, out))
+            bar.update()
+    else:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(_run_case, p, settings, out) for p in patients]
+            for f in as_completed(futures):
+                results.append(f.result())
+                bar.update()
+    bar.close()
+    results.sort(key=lambda r: r.case_id)
+    return _write_cohort_files(out, seed, settings, results)
+
+
+def _check_resumable(out: Path, seed: int, settings: SynthSettings) -> None:
+    """Refuse to mix cohorts: a folder already used must have the same seed and settings."""
+    meta = out / "cohort.json"
+    if meta.exists():
+        old = json.loads(meta.read_text())
+        if old.get("seed") != seed or old.get("settings") != asdict(settings):
+            raise InputError(
+                f"{out} holds a cohort made with another seed or settings; choose an empty folder"
+            )
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} is not empty and holds no cohort.json; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    started = {"format": "xbmd-virtual-cohort", "seed": seed, "settings": asdict(settings)}
+    if not meta.exists():
+        meta.write_text(json.dumps(started | {"status": "running"}, indent=1))
+
+
+def _write_cohort_files(out: Path, seed: int, settings: SynthSettings, results) -> dict:
+    ok = [r for r in results if r.ok]
+    write_manifest([r.manifest for r in ok], out / "manifest.csv")
+    with (out / "dxa.csv").open("w", newline="") as f:
+        fields = [
+            "case_id",
+            "patient_id",
+            "side",
+            "total_hip_g_cm2",
+            "femoral_neck_g_cm2",
+            "total_hip_t_score",
+            "who_category",
+        ]
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in ok:
+            writer.writerows(r.dxa_rows)
+    summary = {
+        "format": "xbmd-virtual-cohort",
+        "xbmd_version": __version__,
+        "seed": seed,
+        "settings": asdict(settings),
+        "cases": len(results),
+        "succeeded": len(ok),
+        "failed": [{"case_id": r.case_id, "error": r.error} for r in results if not r.ok],
+        "seconds_per_case": [round(r.seconds, 2) for r in ok],
+    }
+    (out / "cohort.json").write_text(json.dumps(summary, indent=1))
+    if ok:  # the manifest must read back with the project's own reader
+        read_manifest(out / "manifest.csv")
+    return summary
