@@ -148,6 +148,7 @@ def _place_phantom_and_table(
         for n, (label, density) in enumerate(sorted(ROD_DENSITIES_MG_CM3.items())):
             rod_x = center_x_mm + (n - 2) * ROD_PITCH_MM
             rod = (xx - rod_x) ** 2 + (yy - rod_y) ** 2 <= (ROD_DIAMETER_MM / 2) ** 2
+            soft[:, rod] = 0.0  # rods are water-equivalent + HA: the maker's certified scale
             mineral[:, rod] = density
             labels[:, rod] = label
         table_top = y_back + PHANTOM_THICKNESS_MM

@@ -1,0 +1,96 @@
+"""The case manifest (xbmd.manifest): round trip and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from xbmd.errors import InputError
+from xbmd.manifest import COLUMNS, ManifestCase, read_manifest, write_manifest
+
+LABEL_MAP = {"pelvis_right": 1, "pelvis_left": 2, "femur_right": 3, "femur_left": 4}
+
+
+def case(root: Path, case_id: str = "c1", **kw) -> ManifestCase:
+    fields = {
+        "case_id": case_id,
+        "patient_id": "p1",
+        "ct": root / "cases" / case_id / "ct.nii.gz",
+        "labels": root / "cases" / case_id / "labels.nii.gz",
+        "label_map": dict(LABEL_MAP),
+        "calibration": "phantom",
+        "phantom": str(root / "cases" / case_id / "phantom.json"),
+        "xrays": [root / "cases" / case_id / "a.dcm", root / "cases" / case_id / "b.dcm"],
+        "kvp": 120.0,
+        "age_years": 71.5,
+        "sex": "F",
+        "dxa_g_cm2": {"dxa_total_hip_left_g_cm2": 0.81},
+    }
+    return ManifestCase(**(fields | kw))
+
+
+def test_round_trip_with_relative_paths(tmp_path):
+    cases = [
+        case(tmp_path),
+        case(tmp_path, "c2", calibration="line", calibration_line=(0.8, -3.5), phantom="bmas200"),
+        case(tmp_path, "c3", calibration="phantomless", phantom=None, dxa_g_cm2={}),
+    ]
+    write_manifest(cases, tmp_path / "manifest.csv")
+    text = (tmp_path / "manifest.csv").read_text()
+    assert text.splitlines()[0] == ",".join(COLUMNS)
+    assert str(tmp_path) not in text  # paths written relative to the manifest
+    back = read_manifest(tmp_path / "manifest.csv")
+    assert [c.case_id for c in back] == ["c1", "c2", "c3"]
+    assert back[0].ct == cases[0].ct.resolve() and back[0].xrays == cases[0].xrays
+    assert back[0].phantom == cases[0].phantom and back[0].label_map == LABEL_MAP
+    assert back[1].calibration == "line" and back[1].calibration_line == (0.8, -3.5)
+    assert back[1].phantom == "bmas200"
+    assert back[2].calibration == "phantomless" and back[2].dxa_g_cm2 == {}
+    assert back[0].dxa_g_cm2 == {"dxa_total_hip_left_g_cm2": 0.81}
+    assert back[0].age_years == 71.5 and back[0].sex == "F" and back[0].kvp == 120.0
+
+
+def _write(tmp_path: Path, header: str, row: str) -> Path:
+    path = tmp_path / "m.csv"
+    path.write_text(header + "\n" + row + "\n")
+    return path
+
+
+HEADER = "case_id,patient_id,ct,labels,label_map,calibration,phantom,xrays,sex,kvp"
+GOOD = "c1,p1,ct.nii.gz,l.nii.gz,femur_left=4;pelvis_left=2,phantom,bmas200,a.dcm,F,120"
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (GOOD.replace("phantom,bmas200", "phantom,"), "needs the 'phantom' column"),
+        (GOOD.replace("phantom,bmas200", '"line:abc,1",'), "line:SLOPE,INTERCEPT"),
+        (GOOD.replace("phantom,bmas200", '"line:-1,0",'), "slope > 0"),
+        (GOOD.replace("femur_left=4", "femur=4"), "label_map entries"),
+        (GOOD.replace("femur_left=4;pelvis_left=2", "femur_left=4;pelvis_left=4"), "same id"),
+        (GOOD.replace(",F,", ",X,"), "sex must be"),
+        (GOOD.replace(",120", ",9000"), "kvp = 9000"),
+        (GOOD.replace("c1,p1", "c1,"), "'patient_id' is empty"),
+    ],
+)
+def test_bad_rows_name_the_line_and_problem(tmp_path, row, message):
+    path = _write(tmp_path, HEADER, row)
+    with pytest.raises(InputError, match="line 2") as err:
+        read_manifest(path)
+    assert message in str(err.value)
+
+
+def test_missing_columns_duplicates_and_empty(tmp_path):
+    with pytest.raises(InputError, match="lacks required column"):
+        read_manifest(_write(tmp_path, "case_id,ct", "c1,ct.nii.gz"))
+    dup = tmp_path / "dup.csv"
+    dup.write_text(HEADER + "\n" + GOOD + "\n" + GOOD + "\n")
+    with pytest.raises(InputError, match="appears twice"):
+        read_manifest(dup)
+    empty = tmp_path / "empty.csv"
+    empty.write_text(HEADER + "\n")
+    with pytest.raises(InputError, match="no cases"):
+        read_manifest(empty)
+    with pytest.raises(InputError, match="no such manifest"):
+        read_manifest(tmp_path / "nope.csv")
