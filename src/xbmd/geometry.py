@@ -282,6 +282,50 @@ class PerspectiveGeometry(_Detector):
         """Magnification of an object at the isocentre."""
         return self.sdd_mm / self.sod_mm
 
+    def to_dict(self) -> dict:
+        """JSON-serialisable fields (``from_dict`` reads them back)."""
+        return {
+            "view": self.view,
+            "sdd_mm": float(self.sdd_mm),
+            "sod_mm": float(self.sod_mm),
+            "size_px": [int(n) for n in self.size_px],
+            "pixel_spacing_mm": [float(s) for s in self.pixel_spacing_mm],
+            "principal_point_px": [float(p) for p in self.principal_point],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PerspectiveGeometry:
+        """From ``to_dict``'s fields; GeometryError naming a missing one."""
+        try:
+            return cls(
+                d["sdd_mm"],
+                d["sod_mm"],
+                tuple(d["size_px"]),
+                tuple(d["pixel_spacing_mm"]),
+                principal_point_px=tuple(d["principal_point_px"]),
+                view=d.get("view", "ap"),
+            )
+        except KeyError as e:
+            raise GeometryError(f"geometry lacks {e.args[0]!r}") from None
+
+    def binned(self, factor: int) -> PerspectiveGeometry:
+        """The same detector with ``factor`` x larger pixels; pixel centres stay consistent.
+
+        Binned pixel (r, c) covers original pixels factor*r ... factor*r + factor - 1, so an image
+        rendered here and upsampled bilinearly (align_corners=False) lands on the original grid.
+        """
+        rows, cols = self.size_px
+        pr, pc = self.principal_point
+        shift = (factor - 1) / 2
+        return PerspectiveGeometry(
+            self.sdd_mm,
+            self.sod_mm,
+            (rows // factor, cols // factor),
+            tuple(s * factor for s in self.pixel_spacing_mm),
+            principal_point_px=((pr - shift) / factor, (pc - shift) / factor),
+            view=self.view,
+        )
+
     def pixel_centers_mm(self) -> np.ndarray:
         """(rows, cols, 3) pixel centres in the room frame, mm."""
         centre = self.source_mm + self.sdd_mm * self.beam

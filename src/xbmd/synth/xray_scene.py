@@ -164,20 +164,6 @@ def _posterior_skin_y(anatomy: Anatomy) -> float:
     return float(anatomy.affine[1, 3] + anatomy.affine[1, 1] * j)
 
 
-def _coarse(geometry: PerspectiveGeometry, factor: int) -> PerspectiveGeometry:
-    """The same detector with ``factor`` x larger pixels (pixel centres consistent)."""
-    rows, cols = geometry.size_px
-    pr, pc = geometry.principal_point
-    return PerspectiveGeometry(
-        geometry.sdd_mm,
-        geometry.sod_mm,
-        (rows // factor, cols // factor),
-        tuple(s * factor for s in geometry.pixel_spacing_mm),
-        principal_point_px=((pr - (factor - 1) / 2) / factor, (pc - (factor - 1) / 2) / factor),
-        view=geometry.view,
-    )
-
-
 def _upsample(image: torch.Tensor, factor: int) -> np.ndarray:
     if factor == 1:
         return image.numpy()
@@ -229,13 +215,13 @@ class SceneBodies:
             return torch.as_tensor(p.transform.as_vector(), dtype=torch.float64)
 
         with torch.no_grad():
-            soft = render(self.soft, vec(poses["pelvis"]), _coarse(geometry, SOFT_FACTOR))
+            soft = render(self.soft, vec(poses["pelvis"]), geometry.binned(SOFT_FACTOR))
             bodies, bone_poses = [], []
             for name, body in self.bones.items():
                 body.isocenter_mm = poses[name].isocenter_mm
                 bodies.append(body)
                 bone_poses.append(vec(poses[name]))
-            bone = render(bodies, bone_poses, _coarse(geometry, BONE_FACTOR))
+            bone = render(bodies, bone_poses, geometry.binned(BONE_FACTOR))
         return (
             soft_scale * _upsample(soft, SOFT_FACTOR) + bone_scale * _upsample(bone, BONE_FACTOR)
         )[0]
