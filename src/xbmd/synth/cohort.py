@@ -107,16 +107,18 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
     spacing = np.linalg.norm(anatomy.affine[:3, :3], axis=0)[::-1]  # (z, y, x) mm
     sigma = scanner.psf_sigma_mm / spacing
     soft = soft_tissue_at_kvp(anatomy.soft_tissue_hu, scanner.kvp) / scanner.hu_per_mg_cm3
-    grid = Volume(np.zeros((1, 1, 1), np.float32), anatomy.affine, "mg/cm3")
-    labels = grid.with_data(anatomy.labels, unit="label")
+    def grid(data: np.ndarray, unit: str = "mg/cm3") -> Volume:
+        return Volume(data, anatomy.affine, unit, "virtual anatomy")
+
+    labels = grid(anatomy.labels, "label")
     scales = {}
     for side in SIDES:
         label = FEMUR_LABEL[side]
         own = np.where(anatomy.mineral_owner == label, anatomy.mineral_mg_cm3, 0)
         rest = _blur(soft, sigma) + _blur(anatomy.mineral_mg_cm3 - own, sigma)
         lm = anatomy.landmarks[side]
-        a_min = _roi_mean(neutral_projection(grid.with_data(_blur(own, sigma)), labels, label, lm))
-        a_rest = _roi_mean(neutral_projection(grid.with_data(rest), labels, label, lm))
+        a_min = _roi_mean(neutral_projection(grid(_blur(own, sigma)), labels, label, lm))
+        a_rest = _roi_mean(neutral_projection(grid(rest), labels, label, lm))
         target = patient.total_hip_abmd_g_cm2[side]
         scales[side] = float(np.clip((target - a_rest) / a_min, 0.3, 3.0))
     scales["pelvis"] = float(np.mean([scales[s] for s in SIDES]))
@@ -133,6 +135,10 @@ def _roi_mean(proj) -> float:
 
 # ------------------------------------------------------------------------------------------------
 # One case
+
+
+def case_id_of(patient: Patient) -> str:
+    return f"case_{patient.patient_id}"
 
 
 def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> dict:
@@ -171,7 +177,7 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
         "format": "xbmd-virtual-case",
         "format_version": 1,
         "xbmd_version": __version__,
-        "case_id": case_dir.name,
+        "case_id": case_id_of(patient),
         "patient": {
             "patient_id": patient.patient_id,
             "age_years": round(patient.age_years, 2),
@@ -229,7 +235,7 @@ def _radiographs(
         if bodies is None:
             bodies = SceneBodies(anatomy, att.mu_water_per_cm, att.bone_excess_cm2_g)
             reference = att
-        geometry = sample_geometry(rng, anatomy, settings.xray_spacing_mm)
+        geometry = sample_geometry(rng, anatomy, settings.xray_spacing_mm, device.sdd_mm)
         motions = sample_xray_motions(rng, standard=(n == 0))
         poses = body_poses(anatomy, motions)
         line = bodies.line_integral(
@@ -326,7 +332,7 @@ def _run_case(patient: Patient, settings: SynthSettings, out: Path) -> CaseResul
     import torch
 
     torch.set_num_threads(1)
-    case_id = f"case_{patient.patient_id}"
+    case_id = case_id_of(patient)
     final = out / "cases" / case_id
     t0 = time.perf_counter()
     if (final / "truth.json").exists():  # resumed: finished earlier

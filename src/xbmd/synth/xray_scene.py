@@ -134,9 +134,9 @@ def body_poses(anatomy: Anatomy, motions: dict) -> dict[str, BodyPose]:
             (0.0, 0.0, 0.0),
         )
         head = anatomy.landmarks[side].head_center_mm
-        r_p = pelvis.rotation_matrix()
+        r_p = pelvis.rotation_matrix
         matrix = np.eye(4)
-        matrix[:3, :3] = r_p @ rot.rotation_matrix()
+        matrix[:3, :3] = r_p @ rot.rotation_matrix
         matrix[:3, 3] = r_p @ (head - centre) + np.asarray(pelvis.translation_mm)
         poses[f"femur_{side}"] = BodyPose(
             BODIES[f"femur_{side}"], head, RigidTransform.from_matrix(matrix)
@@ -145,13 +145,14 @@ def body_poses(anatomy: Anatomy, motions: dict) -> dict[str, BodyPose]:
 
 
 def sample_geometry(
-    rng: np.random.Generator, anatomy: Anatomy, pixel_spacing_mm: float
+    rng: np.random.Generator, anatomy: Anatomy, pixel_spacing_mm: float, sdd_mm: float | None = None
 ) -> PerspectiveGeometry:
-    """AP geometry: SDD 100-120 cm; hip centres as far above the detector as the patient is deep.
+    """AP geometry: SDD 100-120 cm (or the device's); the hip centres lie as far above the
+    detector as the patient's back is behind them, plus the table-to-detector gap.
 
     Rows and columns are multiples of SOFT_FACTOR so the coarse renders upsample exactly.
     """
-    sdd = float(rng.uniform(1000.0, 1200.0))
+    sdd = float(rng.uniform(1000.0, 1200.0)) if sdd_mm is None else float(sdd_mm)
     back_mm = _posterior_skin_y(anatomy) - anatomy.pelvis_center_mm[1]
     sod = sdd - (back_mm + TABLE_TO_DETECTOR_MM)
     size = tuple(round(mm / pixel_spacing_mm / SOFT_FACTOR) * SOFT_FACTOR for mm in DETECTOR_MM)
@@ -180,10 +181,8 @@ class SceneBodies:
         owner = anatomy.mineral_owner
         femurs = np.isin(owner, BODIES["femur_right"] + BODIES["femur_left"])
         soft = np.where(femurs, np.float32(MUSCLE_HU), anatomy.soft_tissue_hu)
-        grid = Volume(np.zeros((1, 1, 1), np.float32), anatomy.affine, units.PER_CM)
-
         def volume(mu: np.ndarray) -> Volume:
-            return grid.with_data(mu.astype(np.float32))
+            return Volume(mu.astype(np.float32), anatomy.affine, units.PER_CM, "virtual anatomy")
 
         mu_soft = units.hu_to_attenuation(soft, mu_water_per_cm)
         self.soft = prepare_volume(
