@@ -106,19 +106,21 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
     """
     spacing = np.linalg.norm(anatomy.affine[:3, :3], axis=0)[::-1]  # (z, y, x) mm
     sigma = scanner.psf_sigma_mm / spacing
-    soft = soft_tissue_at_kvp(anatomy.soft_tissue_hu, scanner.kvp) / scanner.hu_per_mg_cm3
-    def grid(data: np.ndarray, unit: str = "mg/cm3") -> Volume:
-        return Volume(data, anatomy.affine, unit, "virtual anatomy")
-
-    labels = grid(anatomy.labels, "label")
+    margin = int(np.ceil(4 * sigma.max())) + 2
     scales = {}
     for side in SIDES:
         label = FEMUR_LABEL[side]
-        own = np.where(anatomy.mineral_owner == label, anatomy.mineral_mg_cm3, 0)
-        rest = _blur(soft, sigma) + _blur(anatomy.mineral_mg_cm3 - own, sigma)
+        box, affine = _label_box(anatomy.labels, label, margin, anatomy.affine)
+        soft = soft_tissue_at_kvp(anatomy.soft_tissue_hu[box], scanner.kvp)
+        mineral = anatomy.mineral_mg_cm3[box]
+        own = np.where(anatomy.mineral_owner[box] == label, mineral, 0)
+        rest = _blur(soft / np.float32(scanner.hu_per_mg_cm3), sigma) + _blur(mineral - own, sigma)
+        labels = Volume(np.ascontiguousarray(anatomy.labels[box]), affine, "label")
         lm = anatomy.landmarks[side]
-        a_min = _roi_mean(neutral_projection(grid(_blur(own, sigma)), labels, label, lm))
-        a_rest = _roi_mean(neutral_projection(grid(rest), labels, label, lm))
+        a_min, a_rest = (
+            _roi_mean(neutral_projection(Volume(v, affine, "mg/cm3"), labels, label, lm))
+            for v in (_blur(own, sigma), rest)
+        )
         target = patient.total_hip_abmd_g_cm2[side]
         scales[side] = float(np.clip((target - a_rest) / a_min, 0.3, 3.0))
     scales["pelvis"] = float(np.mean([scales[s] for s in SIDES]))
@@ -127,6 +129,21 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
         factor[ident] = scales[name.split("_")[1]] if name.startswith("femur") else scales["pelvis"]
     anatomy.mineral_mg_cm3 *= factor[anatomy.mineral_owner]
     return scales
+
+
+def _label_box(
+    labels: np.ndarray, label: int, margin: int, affine: np.ndarray
+) -> tuple[tuple[slice, ...], np.ndarray]:
+    """Index box (z, y, x slices) of ``label`` plus ``margin`` voxels, and the box's affine."""
+    box = []
+    for axis in range(3):
+        idx = np.nonzero((labels == label).any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        if idx.size == 0:
+            raise ValueError(f"the anatomy has no voxel of label {label}")
+        box.append(slice(max(idx[0] - margin, 0), idx[-1] + 1 + margin))
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ [box[2].start, box[1].start, box[0].start] + affine[:3, 3]
+    return tuple(box), out
 
 
 def _roi_mean(proj) -> float:

@@ -174,28 +174,50 @@ def _upsample(image: torch.Tensor, factor: int) -> np.ndarray:
     return up[0].numpy()
 
 
+def _owner_box(owner: np.ndarray, ids: tuple[int, ...]) -> tuple[slice, ...]:
+    """Index box (z, y, x slices) of the voxels owned by ``ids``."""
+    inside = np.isin(owner, ids)
+    box = []
+    for axis in range(3):
+        idx = np.nonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))[0]
+        box.append(slice(idx[0], idx[-1] + 1) if idx.size else slice(0, 0))
+    return tuple(box)
+
+
+def _volume(mu: np.ndarray, affine: np.ndarray, box: tuple[slice, ...] | None) -> Volume:
+    """Attenuation Volume of ``mu``, which covers ``box`` of the anatomy grid (None: all)."""
+    out = affine.copy()
+    if box is not None:
+        out[:3, 3] = affine[:3, :3] @ [box[2].start, box[1].start, box[0].start] + affine[:3, 3]
+    return Volume(np.asarray(mu, dtype=np.float32), out, units.PER_CM, "virtual anatomy")
+
+
 class SceneBodies:
     """The attenuation bodies of one patient at one effective energy, built once per patient."""
 
     def __init__(self, anatomy: Anatomy, mu_water_per_cm: float, bone_excess_cm2_g: float):
         owner = anatomy.mineral_owner
-        femurs = np.isin(owner, BODIES["femur_right"] + BODIES["femur_left"])
-        soft = np.where(femurs, np.float32(MUSCLE_HU), anatomy.soft_tissue_hu)
-        def volume(mu: np.ndarray) -> Volume:
-            return Volume(mu.astype(np.float32), anatomy.affine, units.PER_CM, "virtual anatomy")
-
-        mu_soft = units.hu_to_attenuation(soft, mu_water_per_cm)
-        self.soft = prepare_volume(
-            volume(mu_soft), "attenuation", isocenter_mm=anatomy.pelvis_center_mm
-        )
-        bone_mu = anatomy.mineral_mg_cm3 * np.float32(bone_excess_cm2_g * 1e-3)
-        # a femur's marrow/edge soft tissue moves with it: its difference to muscle
-        femur_soft = np.float32(mu_water_per_cm / 1000.0) * (anatomy.soft_tissue_hu - soft)
+        soft = anatomy.soft_tissue_hu.copy()
+        femur_ids = BODIES["femur_right"] + BODIES["femur_left"]
         self.bones = {}
         for name, ids in BODIES.items():
-            inside = np.isin(owner, ids)
-            mu = np.where(inside, bone_mu + (femur_soft if name != "pelvis" else 0), 0)
-            self.bones[name] = prepare_volume(volume(mu), "attenuation")
+            box = _owner_box(owner, ids)
+            inside = np.isin(owner[box], ids)
+            mu = np.where(
+                inside, anatomy.mineral_mg_cm3[box] * np.float32(bone_excess_cm2_g * 1e-3), 0
+            )
+            if ids[0] in femur_ids:
+                # a femur's marrow and edge soft tissue move with it: its difference to muscle
+                diff = np.where(inside, anatomy.soft_tissue_hu[box] - np.float32(MUSCLE_HU), 0)
+                mu += np.float32(mu_water_per_cm / 1000.0) * diff
+                soft[box][inside] = MUSCLE_HU
+            self.bones[name] = prepare_volume(_volume(mu, anatomy.affine, box), "attenuation")
+        mu_soft = units.hu_to_attenuation(soft, mu_water_per_cm)
+        self.soft = prepare_volume(
+            _volume(mu_soft, anatomy.affine, None),
+            "attenuation",
+            isocenter_mm=anatomy.pelvis_center_mm,
+        )
 
     def line_integral(
         self,
