@@ -48,6 +48,7 @@ def recompute(case_dir: Path, truth: dict) -> dict:
     else:
         cal = phantomless_calibration(ct, kvp=truth["ct"]["scanner"]["kvp"])
     density = cal.apply(ct)
+    # residuals: rods (phantom) or reference tissues (phantom-less)
     out = {"method": cal.method, "rod_residuals_mg_cm3": list(cal.residuals_mg_cm3.values())}
     true_slope = truth["ct"]["true_calibration"]["slope_mg_cm3_per_hu"]
     out["slope_error_percent"] = 100 * (cal.slope_mg_cm3_per_hu / true_slope - 1)
@@ -141,6 +142,7 @@ def main() -> None:
     )
     for case_dir, _, r in rows:
         rod = max((abs(x) for x in r["rod_residuals_mg_cm3"]), default=float("nan"))
+        rod = rod if r["method"] == "phantom" else float("nan")
         print(
             f"  {case_dir.name:<14} {r['method']:<12} {r['slope_error_percent']:>+8.2f}% "
             f"{rod:>6.2f}mg  "
@@ -155,7 +157,9 @@ def main() -> None:
                 f"  {method}: |ct_abmd error| median {statistics.median(errs):.3f} %, "
                 f"max {max(errs):.3f} % over {len(errs)} femurs"
             )
-    rods = [abs(x) for _, _, r in rows for x in r["rod_residuals_mg_cm3"]]
+    rods = [
+        abs(x) for _, _, r in rows if r["method"] == "phantom" for x in r["rod_residuals_mg_cm3"]
+    ]
     if rods:
         print(
             f"  phantom rods: |fitted - nominal| max {max(rods):.2f} mg/cm3 over {len(rods)} rods"

@@ -39,6 +39,8 @@ DETECTOR_MM = (350.0, 430.0)
 TABLE_TO_DETECTOR_MM = 60.0
 #: HU a femur's voxels take in the soft-tissue body when the femur moves (muscle).
 MUSCLE_HU = 45.0
+#: The soft tissue continues this far beyond both ends of the CT in the radiographs, mm.
+SOFT_EXTEND_MM = 120.0
 #: Render soft tissue and bones on this many output pixels per side, then upsample (smooth).
 SOFT_FACTOR, BONE_FACTOR = 4, 2
 
@@ -184,6 +186,23 @@ def _owner_box(owner: np.ndarray, ids: tuple[int, ...]) -> tuple[slice, ...]:
     return tuple(box)
 
 
+def _extended_soft_tissue(mu: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Soft-tissue attenuation on a 2x coarser grid, continued beyond the CT's ends in z.
+
+    A radiograph's field reaches past the CT's slab (abdomen above, thighs below); repeating the
+    end slices for SOFT_EXTEND_MM avoids a black band of "no patient" there. Soft tissue is
+    rendered on coarse detector pixels anyway, so 2 mm voxels lose nothing and cost 8x less.
+    """
+    k, j, i = (n - n % 2 for n in mu.shape)
+    coarse = mu[:k, :j, :i].reshape(k // 2, 2, j // 2, 2, i // 2, 2).mean(axis=(1, 3, 5))
+    out = affine.copy()
+    out[:3, :3] = affine[:3, :3] * 2
+    out[:3, 3] = affine[:3, :3] @ [0.5, 0.5, 0.5] + affine[:3, 3]
+    pad = int(np.ceil(SOFT_EXTEND_MM / np.linalg.norm(out[:3, 2])))
+    out[:3, 3] -= out[:3, 2] * pad
+    return np.pad(coarse, ((pad, pad), (0, 0), (0, 0)), mode="edge").astype(np.float32), out
+
+
 def _volume(mu: np.ndarray, affine: np.ndarray, box: tuple[slice, ...] | None) -> Volume:
     """Attenuation Volume of ``mu``, which covers ``box`` of the anatomy grid (None: all)."""
     out = affine.copy()
@@ -212,9 +231,11 @@ class SceneBodies:
                 mu += np.float32(mu_water_per_cm / 1000.0) * diff
                 soft[box][inside] = MUSCLE_HU
             self.bones[name] = prepare_volume(_volume(mu, anatomy.affine, box), "attenuation")
-        mu_soft = units.hu_to_attenuation(soft, mu_water_per_cm)
+        mu_soft, affine = _extended_soft_tissue(
+            units.hu_to_attenuation(soft, mu_water_per_cm), anatomy.affine
+        )
         self.soft = prepare_volume(
-            _volume(mu_soft, anatomy.affine, None),
+            Volume(mu_soft, affine, units.PER_CM, "virtual anatomy, soft tissue"),
             "attenuation",
             isocenter_mm=anatomy.pelvis_center_mm,
         )
