@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(PIP) -e '.[dev,bench]'
 	$(BIN)/python benchmarks/bench_drr.py
 	$(BIN)/python benchmarks/bench_calibration.py
+	$(BIN)/python benchmarks/bench_synth.py --out bench_out/synth
+	$(BIN)/python benchmarks/bench_population.py --cohort bench_out/synth
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

@@ -345,10 +345,19 @@ def _simulated_dxa(truth: dict, precision: float, seed: int) -> dict:
 
 
 def _run_case(patient: Patient, settings: SynthSettings, out: Path) -> CaseResult:
-    """Worker: generate one case atomically (temp folder, then rename); never raises."""
+    """Worker: one case on one thread (same numbers whatever the worker count); never raises."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _run_case_here(patient, settings, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_case_here(patient: Patient, settings: SynthSettings, out: Path) -> CaseResult:
+    """Generate one case atomically (temporary folder, then rename); never raises."""
     case_id = case_id_of(patient)
     final = out / "cases" / case_id
     t0 = time.perf_counter()
