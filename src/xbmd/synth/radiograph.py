@@ -139,14 +139,16 @@ class XrayDevice:
         detector_tail_fraction, detector_tail_mm (light-spread / glare halo);
         electronic_noise_quanta (additive noise sigma, detected quanta per pixel).
     Processing
-        window_percentiles (low, high) of the log signal in the field mapped to 0 and 1;
+        window_percentiles (low, high) of the log signal over the anatomy (the field without
+        direct exposure): the log image is normalised by them, and after enhancement the high
+        one (bone) goes near the top of the LUT, the low one (thin tissue) near its toe;
         band_scales_mm (sigma of the Gaussians splitting the image into bands, fine -> coarse);
         band_gains (one per band); band_power (power law on band amplitudes, < 1 equalises
-        contrast); latitude_compression (0-1, how much of the coarsest, thickness-driven signal
-        is removed); noise_reduction (0-1, coring of the finest band); lut ('sigmoid' or
-        'gamma'), lut_contrast, lut_center, lut_gamma; output_range (fractions of full scale
-        used by the LUT output); bits_stored; photometric; outside_field ('black', 'white',
-        'natural').
+        contrast); latitude_compression (0-1, how much of the thickness-driven trend, coarser
+        than ``LATITUDE_SCALE_MM``, is removed); noise_reduction (0-1, coring of the finest
+        band); lut ('sigmoid' or 'gamma'), lut_contrast, lut_center, lut_gamma; output_range
+        (fractions of full scale used by the LUT output); bits_stored; photometric;
+        outside_field ('black', 'white', 'natural').
     """
 
     name: str
@@ -221,7 +223,7 @@ DEVICE_FAMILIES: dict[str, dict] = {
         "spr": (0.35, 0.6),
         "band_gains": ((1.0, 1.2), (1.4, 1.9), (1.5, 2.0), (1.2, 1.6)),
         "band_power": (0.6, 0.75),
-        "latitude_compression": (0.55, 0.75),
+        "latitude_compression": (0.7, 0.85),
         "noise_reduction": (0.4, 0.7),
         "lut": "sigmoid",
         "lut_contrast": (5.0, 7.0),
@@ -241,10 +243,10 @@ DEVICE_FAMILIES: dict[str, dict] = {
         "spr": (0.3, 0.5),
         "band_gains": ((1.1, 1.4), (1.2, 1.5), (1.1, 1.3), (1.0, 1.2)),
         "band_power": (0.8, 0.92),
-        "latitude_compression": (0.3, 0.5),
+        "latitude_compression": (0.55, 0.7),
         "noise_reduction": (0.2, 0.5),
         "lut": "sigmoid",
-        "lut_contrast": (5.5, 8.0),
+        "lut_contrast": (5.0, 7.0),
         "bits_stored": 12,
         "photometric": "MONOCHROME2",
         "outside_field": "white",
@@ -261,10 +263,10 @@ DEVICE_FAMILIES: dict[str, dict] = {
         "spr": (0.4, 0.7),
         "band_gains": ((1.3, 1.7), (1.2, 1.5), (1.0, 1.2), (1.0, 1.1)),
         "band_power": (0.85, 1.0),
-        "latitude_compression": (0.1, 0.3),
+        "latitude_compression": (0.5, 0.65),
         "noise_reduction": (0.0, 0.3),
         "lut": "sigmoid",
-        "lut_contrast": (7.0, 10.0),
+        "lut_contrast": (6.0, 8.0),
         "bits_stored": 10,
         "photometric": "MONOCHROME1",
         "outside_field": "natural",
@@ -281,7 +283,7 @@ DEVICE_FAMILIES: dict[str, dict] = {
         "spr": (0.3, 0.5),
         "band_gains": ((1.3, 1.6), (1.6, 2.0), (1.2, 1.5), (1.0, 1.2)),
         "band_power": (0.7, 0.85),
-        "latitude_compression": (0.4, 0.6),
+        "latitude_compression": (0.6, 0.75),
         "noise_reduction": (0.5, 0.8),
         "lut": "gamma",
         "lut_contrast": (1.0, 1.0),
@@ -301,7 +303,7 @@ DEVICE_FAMILIES: dict[str, dict] = {
         "spr": (0.4, 0.6),
         "band_gains": ((1.0, 1.2), (1.1, 1.3), (1.1, 1.3), (1.0, 1.1)),
         "band_power": (0.85, 1.0),
-        "latitude_compression": (0.2, 0.4),
+        "latitude_compression": (0.5, 0.65),
         "noise_reduction": (0.3, 0.6),
         "lut": "sigmoid",
         "lut_contrast": (4.5, 6.0),
@@ -321,7 +323,7 @@ DEVICE_FAMILIES: dict[str, dict] = {
         "spr": (1.2, 2.5),
         "band_gains": ((1.1, 1.3), (1.4, 1.8), (1.4, 1.8), (1.1, 1.3)),
         "band_power": (0.7, 0.85),
-        "latitude_compression": (0.3, 0.5),
+        "latitude_compression": (0.55, 0.7),
         "noise_reduction": (0.3, 0.6),
         "lut": "sigmoid",
         "lut_contrast": (5.0, 7.0),
@@ -341,6 +343,15 @@ DETECTOR_KINDS = {
 }
 #: Band split of the multi-scale processing: Gaussian sigmas (mm), fine -> coarse.
 BAND_SCALES_MM = (0.5, 1.5, 4.5, 13.5)
+#: Gaussian sigma (mm) of the thickness trend that latitude compression acts on: coarser than
+#: the bones, so that equalising the body's thickness does not flatten the bones' contrast.
+LATITUDE_SCALE_MM = 40.0
+#: Where the anatomy's median goes on the LUT's input axis, below ``lut_center``.
+BODY_BELOW_CENTER = 0.1
+#: LUT input of the bright (bone) and dark (thin tissue) window percentiles of the anatomy.
+BONE_LEVEL, THIN_LEVEL = 0.9, 0.0
+#: Largest span of the LUT input the anatomy window may be stretched to.
+MAX_SPAN = 2.0
 
 
 def _draw(rng: np.random.Generator, value):
@@ -397,7 +408,7 @@ def sample_device(rng: np.random.Generator, family: str | None = None) -> XrayDe
         lut=spec["lut"],
         lut_contrast=_draw(rng, spec["lut_contrast"]),
         lut_center=_draw(rng, (0.45, 0.55)),
-        lut_gamma=_draw(rng, (0.8, 1.25)),
+        lut_gamma=_draw(rng, (0.85, 1.2)),
         output_range=(_draw(rng, (0.0, 0.04)), _draw(rng, (0.94, 1.0))),
         bits_stored=int(spec["bits_stored"]),
         photometric=spec["photometric"],
@@ -832,7 +843,9 @@ def multiscale_enhance(
     """Multi-scale contrast equalisation of a normalised log image (anatomy in about [0, 1]).
 
     The image is split into band-pass details (differences of Gaussians at
-    ``device.band_scales_mm``) and a coarse base. The base is pulled towards its median by
+    ``device.band_scales_mm``), an intermediate band between the last scale and
+    ``LATITUDE_SCALE_MM`` (kept as it is: femoral heads, iliac wings) and a coarse base, the
+    body's thickness trend. The base is pulled towards its median by
     ``latitude_compression`` (thick and thin regions closer in grey level), each band is
     shaped ``sign(b) m (|b|/m)**band_power`` (small details amplified more than large ones,
     linear below the band's median amplitude so noise is not boosted most) with m its 99th
@@ -842,11 +855,15 @@ def multiscale_enhance(
     Returns the enhanced image (float32, same shape) and a dict of the levels used.
     """
     px = float(np.mean(_spacing_pair(pixel_spacing_mm)))
-    levels = [image] + [gaussian_px(image, s / px) for s in device.band_scales_mm]
+    scales = (*device.band_scales_mm, max(LATITUDE_SCALE_MM, device.band_scales_mm[-1]))
+    levels = [image] + [gaussian_px(image, s / px) for s in scales]
     sample = field_mask[::3, ::3]
     base = levels[-1]
     centre = float(np.median(base[::3, ::3][sample])) if sample.any() else float(base.mean())
+    # the thickness trend (coarser than the last band) is compressed; between the last band
+    # and it, structures as large as a femoral head or the iliac wing keep their contrast
     out = centre + (1.0 - device.latitude_compression) * (base - centre)
+    out += levels[-2] - base
     amplitudes, noise = [], 0.0
     for k, gain in enumerate(device.band_gains):
         band = levels[k] - levels[k + 1]
@@ -910,8 +927,10 @@ def process(
     (float32, bone bright).
 
     Log; histogram windowing of the anatomy in the field; multi-scale enhancement; a second
-    windowing of the enhanced image (equalisation shrinks the range, the display range is then
-    filled again: this is what makes bone detail stand out); LUT. Outside the field the
+    windowing of the enhanced image, anchored on the anatomy's histogram: its median (mostly
+    soft tissue) goes to ``lut_center - BODY_BELOW_CENTER`` (mid-to-dark grey), its high
+    percentile (bone) to ``BONE_LEVEL`` (white), its low percentile no lower than
+    ``THIN_LEVEL`` (thin tissue dark grey, air in the field black); LUT. Outside the field the
     un-enhanced image is kept (the shutter, if any, is applied when storing).
     """
     log_image = log_signal(signal, n0_quanta)
@@ -923,9 +942,20 @@ def process(
     enhanced, levels = multiscale_enhance(filled, field_mask, pixel_spacing_mm, device)
     enhanced = np.where(field_mask, enhanced, norm)
     low2, high2 = window_levels(enhanced, region, device.window_percentiles)
-    # exposure- and patient-independent brightness: the anatomy's median goes to the LUT centre
     median = window_levels(enhanced, region, (50.0, 50.0))[0]
-    display = apply_lut(device.lut_center + (enhanced - median) / (high2 - low2), device)
+    # the anatomy's median (mostly soft tissue) a little below the LUT centre, the bright end
+    # of the histogram (bone) at the top: soft tissue mid grey, bone white, thin tissue dark
+    body = device.lut_center - BODY_BELOW_CENTER
+    scale = (BONE_LEVEL - body) / max(high2 - median, 1e-3)
+    # a thick, little-equalised trunk leaves the bright tail short: cap the slope so that the
+    # whole window spans at most MAX_SPAN of the LUT input (no large white plateaus)
+    scale = min(scale, MAX_SPAN / max(high2 - low2, 1e-3))
+    # below the median a gentler slope if needed, so that thin tissue at the flanks stays a
+    # dark grey above the black of air (latitude): the skin line remains visible
+    scale_low = min(scale, (body - THIN_LEVEL) / max(median - low2, 1e-3))
+    offset = enhanced - median
+    x = body + np.where(offset > 0, offset * np.float32(scale), offset * np.float32(scale_low))
+    display = apply_lut(x, device)
     windows = {"log_window": [round(low, 4), round(high, 4)]}
     windows["enhanced_window"] = [round(low2, 4), round(median, 4), round(high2, 4)]
     return display, {**windows, **levels}
