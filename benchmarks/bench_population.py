@@ -250,6 +250,7 @@ def plot(people: list[Person], side: str, path: Path) -> None:
     ax_scatter.legend(loc="upper right", markerscale=4)
     _plot_category_bars(ax_bars, people, side)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

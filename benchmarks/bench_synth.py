@@ -142,10 +142,10 @@ def main() -> None:
     )
     for case_dir, _, r in rows:
         rod = max((abs(x) for x in r["rod_residuals_mg_cm3"]), default=float("nan"))
-        rod = rod if r["method"] == "phantom" else float("nan")
+        rod_text = f"{rod:>6.2f}mg" if r["method"] == "phantom" else f"{'-':>8}"
         print(
             f"  {case_dir.name:<14} {r['method']:<12} {r['slope_error_percent']:>+8.2f}% "
-            f"{rod:>6.2f}mg  "
+            f"{rod_text}  "
             + " ".join(
                 f"{r[s][k]:>+7.2f}" for k in ("ct_abmd", "neck_abmd", "qct_vbmd") for s in SIDES
             )

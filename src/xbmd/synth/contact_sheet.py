@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from xbmd.calibration import Calibration
 from xbmd.drr import prepare_volume, render
@@ -112,6 +113,10 @@ def write_contact_sheet(cohort_dir: str | Path, out_png: str | Path, max_cases: 
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
+    fig.savefig(out_png, dpi=72)
     plt.close(fig)
+    # 256 colours are plenty for grey radiographs and one colour map: a third of the size
+    with Image.open(out_png) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    small.save(out_png, optimize=True)
     return out_png
