@@ -38,6 +38,16 @@ from xbmd.calibration import (
     phantomless_calibration,
     region_median_hu,
 )
+from xbmd.materials import (
+    ADIPOSE_2,
+    ADIPOSE_3,
+    AIR,
+    BLOOD,
+    HA_CRYSTAL_G_CM3,
+    HYDROXYAPATITE,
+    MUSCLE,
+    WATER,
+)
 from xbmd.volume import Volume
 
 try:
@@ -45,36 +55,8 @@ try:
 except ImportError:  # pragma: no cover - a hint, not a test
     sys.exit("needs xraydb: pip install -c constraints.txt -e '.[bench]'")
 
-# Mass fractions (%) of the materials; ICRU-44 / ICRU-46 (Woodard & White 1986) tissues.
-WATER = {"H": 11.19, "O": 88.81}
-AIR = {"C": 0.0124, "N": 75.5268, "O": 23.1781, "Ar": 1.2827}
-ADIPOSE_2 = {"H": 11.4, "C": 59.8, "N": 0.7, "O": 27.8, "Na": 0.1, "S": 0.1, "Cl": 0.1}
-ADIPOSE_3 = {"H": 11.6, "C": 68.1, "N": 0.2, "O": 19.8, "Na": 0.1, "S": 0.1, "Cl": 0.1}
-MUSCLE = {
-    "H": 10.2,
-    "C": 14.3,
-    "N": 3.4,
-    "O": 71.0,
-    "Na": 0.1,
-    "P": 0.2,
-    "S": 0.3,
-    "Cl": 0.1,
-    "K": 0.4,
-}
-BLOOD = {
-    "H": 10.2,
-    "C": 11.0,
-    "N": 3.3,
-    "O": 74.5,
-    "Na": 0.1,
-    "P": 0.1,
-    "S": 0.2,
-    "Cl": 0.3,
-    "K": 0.2,
-    "Fe": 0.1,
-}
-_HA_MOLAR = {"Ca": 10 * 40.078, "P": 6 * 30.974, "O": 26 * 15.999, "H": 2 * 1.008}
-HA = {el: 100 * m / sum(_HA_MOLAR.values()) for el, m in _HA_MOLAR.items()}  # Ca10(PO4)6(OH)2
+# Mass fractions (%) of the materials: xbmd.materials (ICRU-44 / ICRU-46 tissues).
+HA = HYDROXYAPATITE  # Ca10(PO4)6(OH)2
 DENSITY_G_CM3 = {
     "water": 1.0,
     "air": 0.001205,
@@ -83,7 +65,6 @@ DENSITY_G_CM3 = {
     "muscle": 1.05,
     "blood": 1.06,
 }
-HA_CRYSTAL_G_CM3 = 3.16  # an HA grain displaces water of its own volume
 
 #: Nominal effective energy (keV) of a patient-filtered spectrum at each tube voltage.
 EFFECTIVE_KEV = {80: 54.0, 100: 62.0, 120: 70.0, 140: 77.0}

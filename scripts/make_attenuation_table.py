@@ -20,29 +20,18 @@ from pathlib import Path
 import numpy as np
 import xraydb
 
+from xbmd.materials import ADIPOSE_3, HYDROXYAPATITE, LEAD, MUSCLE, WATER
+
 OUT = Path(__file__).resolve().parents[1] / "src" / "xbmd" / "data" / "attenuation.json"
 ENERGIES_KEV = np.arange(30.0, 100.01, 1.0)
 
-#: Mass fractions (%) per material; the same values as benchmarks/bench_calibration.py.
+#: Mass fractions (%) per material (xbmd.materials, shared with benchmarks/bench_calibration.py).
 COMPOSITIONS = {
-    "water": {"H": 11.19, "O": 88.81},
-    "adipose": {"H": 11.6, "C": 68.1, "N": 0.2, "O": 19.8, "Na": 0.1, "S": 0.1, "Cl": 0.1},
-    "muscle": {
-        "H": 10.2,
-        "C": 14.3,
-        "N": 3.4,
-        "O": 71.0,
-        "Na": 0.1,
-        "P": 0.2,
-        "S": 0.3,
-        "Cl": 0.1,
-        "K": 0.4,
-    },
-    "lead": {"Pb": 100.0},
-}
-_HA_MOLAR_G = {"Ca": 10 * 40.078, "P": 6 * 30.974, "O": 26 * 15.999, "H": 2 * 1.008}
-COMPOSITIONS["hydroxyapatite"] = {
-    el: 100.0 * m / sum(_HA_MOLAR_G.values()) for el, m in _HA_MOLAR_G.items()
+    "water": WATER,
+    "adipose": ADIPOSE_3,
+    "muscle": MUSCLE,
+    "lead": LEAD,
+    "hydroxyapatite": HYDROXYAPATITE,
 }
 DENSITIES_G_CM3 = {
     "water": 1.0,
