@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from xbmd import units
 from xbmd.errors import GeometryError, InputError
 from xbmd.geometry import ParallelGeometry, PerspectiveGeometry, body_to_room
-from xbmd.volume import Volume
+from xbmd.volume import Volume, bounding_box, box_affine
 
 QUANTITIES = ("density", "attenuation")
 #: In-plane grid_sample axes for each slab axis (index components i=0, j=1, k=2).
@@ -160,11 +160,11 @@ def prepare_volume(
         values = np.where(np.isin(labels.data, list(label_ids)), values, np.float32(0))
     affine = volume.affine.copy()
     if crop:
-        lo, hi = _nonzero_box(values)
-        if lo is None:
+        box = bounding_box(values != 0)
+        if box is None:
             raise InputError(f"{volume.source or 'volume'}: nothing to render (all voxels are 0)")
-        values = values[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        affine[:3, 3] = volume.index_to_world(np.array([lo[2], lo[1], lo[0]], dtype=float))
+        values = values[box]
+        affine = box_affine(affine, box)
     values = np.pad(values, 1)
     affine[:3, 3] = affine[:3, 3] - affine[:3, :3].sum(axis=1)
     iso = volume.center_mm if isocenter_mm is None else np.asarray(isocenter_mm, dtype=float)
@@ -174,19 +174,6 @@ def prepare_volume(
         isocenter_mm=iso,
         quantity=quantity,
     )
-
-
-def _nonzero_box(values: np.ndarray) -> tuple[list[int] | None, list[int] | None]:
-    """Half-open index box (lo, hi) per axis of the non-zero voxels, or (None, None)."""
-    nonzero = values != 0
-    lo, hi = [], []
-    for axis in range(3):
-        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None, None
-        lo.append(int(hit[0]))
-        hi.append(int(hit[-1]) + 1)
-    return lo, hi
 
 
 def _as_pose_batch(pose) -> torch.Tensor:

@@ -30,9 +30,9 @@ import torch
 from xbmd import units
 from xbmd.drr import prepare_volume, render
 from xbmd.errors import GeometryError, InputError
-from xbmd.geometry import ParallelGeometry, RigidTransform
+from xbmd.geometry import ParallelGeometry, RigidTransform, translation_matrix
 from xbmd.landmarks import FemurLandmarks
-from xbmd.volume import Volume
+from xbmd.volume import Volume, bounding_box
 
 #: Pixel size of the neutral-pose projection (Uemura et al. 2022), mm.
 NEUTRAL_PIXEL_MM = 0.25
@@ -137,7 +137,7 @@ def neutral_projection(
         raise InputError(f"femur measures need a density volume in mg/cm3, not {density.unit}")
     density, labels = crop_to_label(density, labels, label_id)
     pose = neutral_pose(landmarks)
-    lm_room = landmarks.transformed(pose.matrix() @ _translation(-landmarks.head_center_mm))
+    lm_room = landmarks.transformed(pose.matrix() @ translation_matrix(-landmarks.head_center_mm))
     geometry = _neutral_detector(lm_room, pixel_mm)
     vec = torch.as_tensor(pose.as_vector(), dtype=torch.float64)
     body = prepare_volume(
@@ -163,26 +163,10 @@ def crop_to_label(
     """``volume`` and ``labels`` cropped to the box of ``label_id`` plus a margin (same world)."""
     if not volume.same_grid(labels):
         raise InputError(f"label map {labels.source or ''} is not on the grid of the volume")
-    present = labels.data == label_id
-    if not present.any():
+    box = bounding_box(labels.data == label_id, margin_vox)
+    if box is None:
         raise InputError(f"label {label_id} not found in {labels.source or 'the label map'}")
-    box = []
-    for axis in range(3):
-        idx = np.nonzero(present.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        box.append(slice(max(idx[0] - margin_vox, 0), idx[-1] + 1 + margin_vox))
-    offset = np.array([box[2].start, box[1].start, box[0].start], dtype=float)
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.index_to_world(offset)
-    crop = lambda v: Volume(  # noqa: E731
-        np.ascontiguousarray(v.data[tuple(box)]), affine, v.unit, v.source, dict(v.meta)
-    )
-    return crop(volume), crop(labels)
-
-
-def _translation(offset_mm: np.ndarray) -> np.ndarray:
-    m = np.eye(4)
-    m[:3, 3] = offset_mm
-    return m
+    return volume.crop(box), labels.crop(box)
 
 
 def _regions(

@@ -127,3 +127,36 @@ class Volume:
             source=self.source,
             meta=dict(self.meta),
         )
+
+    def crop(self, box: tuple[slice, slice, slice]) -> Volume:
+        """The sub-volume ``data[box]`` (a (K, J, I) box of unit-step slices), same world."""
+        return Volume(
+            data=np.ascontiguousarray(self.data[box]),
+            affine=box_affine(self.affine, box),
+            unit=self.unit,
+            source=self.source,
+            meta=dict(self.meta),
+        )
+
+
+Box = tuple[slice, slice, slice]
+
+
+def bounding_box(mask: np.ndarray, margin: int = 0) -> Box | None:
+    """(K, J, I) slices around the True voxels of ``mask``, grown by ``margin`` voxels and
+    clipped to the array; None when nothing is True."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(max(int(hit[0]) - margin, 0), int(hit[-1]) + 1 + margin))
+    return tuple(box)
+
+
+def box_affine(affine: np.ndarray, box: Box) -> np.ndarray:
+    """Affine of the sub-grid that starts at ``box``'s first voxel (same spacing, same world)."""
+    out = np.array(affine, dtype=np.float64, copy=True)
+    start_ijk = np.array([box[2].start or 0, box[1].start or 0, box[0].start or 0], float)
+    out[:3, 3] = affine[:3, :3] @ start_ijk + affine[:3, 3]
+    return out

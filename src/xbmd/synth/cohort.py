@@ -53,7 +53,7 @@ from xbmd.synth.scanner import (
 from xbmd.synth.xray_scene import SceneBodies, body_poses, projected_landmarks, sample_geometry
 from xbmd.synth.xray_scene import sample_motions as sample_xray_motions
 from xbmd.tscore import t_score, who_category
-from xbmd.volume import Volume
+from xbmd.volume import Volume, bounding_box, box_affine
 
 SIDES = ("left", "right")
 FEMUR_LABEL = {"right": BONE_LABELS["femur_right"], "left": BONE_LABELS["femur_left"]}
@@ -110,7 +110,10 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
     scales = {}
     for side in SIDES:
         label = FEMUR_LABEL[side]
-        box, affine = _label_box(anatomy.labels, label, margin, anatomy.affine)
+        box = bounding_box(anatomy.labels == label, margin)
+        if box is None:
+            raise ValueError(f"the anatomy has no voxel of label {label}")
+        affine = box_affine(anatomy.affine, box)
         soft = soft_tissue_at_kvp(anatomy.soft_tissue_hu[box], scanner.kvp)
         mineral = anatomy.mineral_mg_cm3[box]
         own = np.where(anatomy.mineral_owner[box] == label, mineral, 0)
@@ -129,21 +132,6 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
         factor[ident] = scales[name.split("_")[1]] if name.startswith("femur") else scales["pelvis"]
     anatomy.mineral_mg_cm3 *= factor[anatomy.mineral_owner]
     return scales
-
-
-def _label_box(
-    labels: np.ndarray, label: int, margin: int, affine: np.ndarray
-) -> tuple[tuple[slice, ...], np.ndarray]:
-    """Index box (z, y, x slices) of ``label`` plus ``margin`` voxels, and the box's affine."""
-    box = []
-    for axis in range(3):
-        idx = np.nonzero((labels == label).any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        if idx.size == 0:
-            raise ValueError(f"the anatomy has no voxel of label {label}")
-        box.append(slice(max(idx[0] - margin, 0), idx[-1] + 1 + margin))
-    out = affine.copy()
-    out[:3, 3] = affine[:3, :3] @ [box[2].start, box[1].start, box[0].start] + affine[:3, 3]
-    return tuple(box), out
 
 
 def _roi_mean(proj) -> float:

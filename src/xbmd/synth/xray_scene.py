@@ -23,9 +23,14 @@ import torch
 
 from xbmd import units
 from xbmd.drr import prepare_volume, render
-from xbmd.geometry import PerspectiveGeometry, RigidTransform, femur_rotation_deg
+from xbmd.geometry import (
+    PerspectiveGeometry,
+    RigidTransform,
+    femur_rotation_deg,
+    translation_matrix,
+)
 from xbmd.synth.model import BONE_LABELS, Anatomy
-from xbmd.volume import Volume
+from xbmd.volume import Box, Volume, bounding_box, box_affine
 
 #: Body name -> label ids (of the label map and of Anatomy.mineral_owner).
 BODIES = {
@@ -63,9 +68,7 @@ class BodyPose:
 
     def to_room(self) -> np.ndarray:
         """4x4 CT-world -> room matrix."""
-        shift = np.eye(4)
-        shift[:3, 3] = -np.asarray(self.isocenter_mm)
-        return self.transform.matrix() @ shift
+        return self.transform.matrix() @ translation_matrix(-np.asarray(self.isocenter_mm))
 
 
 def _rounded(v) -> list[float]:
@@ -176,16 +179,6 @@ def _upsample(image: torch.Tensor, factor: int) -> np.ndarray:
     return up[0].numpy()
 
 
-def _owner_box(owner: np.ndarray, ids: tuple[int, ...]) -> tuple[slice, ...]:
-    """Index box (z, y, x slices) of the voxels owned by ``ids``."""
-    inside = np.isin(owner, ids)
-    box = []
-    for axis in range(3):
-        idx = np.nonzero(inside.any(axis=tuple(a for a in range(3) if a != axis)))[0]
-        box.append(slice(idx[0], idx[-1] + 1) if idx.size else slice(0, 0))
-    return tuple(box)
-
-
 def _extended_soft_tissue(mu: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Soft-tissue attenuation on a 2x coarser grid, continued beyond the CT's ends in z.
 
@@ -203,12 +196,9 @@ def _extended_soft_tissue(mu: np.ndarray, affine: np.ndarray) -> tuple[np.ndarra
     return np.pad(coarse, ((pad, pad), (0, 0), (0, 0)), mode="edge").astype(np.float32), out
 
 
-def _volume(mu: np.ndarray, affine: np.ndarray, box: tuple[slice, ...] | None) -> Volume:
-    """Attenuation Volume of ``mu``, which covers ``box`` of the anatomy grid (None: all)."""
-    out = affine.copy()
-    if box is not None:
-        out[:3, 3] = affine[:3, :3] @ [box[2].start, box[1].start, box[0].start] + affine[:3, 3]
-    return Volume(np.asarray(mu, dtype=np.float32), out, units.PER_CM, "virtual anatomy")
+def _volume(mu: np.ndarray, affine: np.ndarray, box: Box) -> Volume:
+    """Attenuation Volume of ``mu``, which covers ``box`` of the anatomy grid."""
+    return Volume(np.asarray(mu, np.float32), box_affine(affine, box), units.PER_CM, "anatomy")
 
 
 class SceneBodies:
@@ -220,7 +210,7 @@ class SceneBodies:
         femur_ids = BODIES["femur_right"] + BODIES["femur_left"]
         self.bones = {}
         for name, ids in BODIES.items():
-            box = _owner_box(owner, ids)
+            box = bounding_box(np.isin(owner, ids))
             inside = np.isin(owner[box], ids)
             mu = np.where(
                 inside, anatomy.mineral_mg_cm3[box] * np.float32(bone_excess_cm2_g * 1e-3), 0
