@@ -13,6 +13,8 @@ import typer
 from xbmd.commands import calibrate as _calibrate
 from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
+from xbmd.commands import prepare as _prepare
+from xbmd.commands import register as _register
 from xbmd.commands import synth as _synth
 
 app = typer.Typer(
@@ -29,6 +31,8 @@ app = typer.Typer(
 app.command("calibrate", help=_calibrate.HELP)(_calibrate.main)
 app.command("drr", help=_drr.HELP)(_drr.main)
 app.command("synth", help=_synth.HELP)(_synth.main)
+app.command("register", help=_register.HELP)(_register.main)
+app.command("prepare", help=_prepare.HELP)(_prepare.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 
 

@@ -85,6 +85,33 @@ class RenderVolume:
             self._slabs[axis] = self.data.permute(*_PERMUTE[axis]).contiguous()
         return self._slabs[axis]
 
+    def downsampled(self, factor: int) -> RenderVolume:
+        """The volume on a grid ``factor`` x coarser per axis (block means, cached).
+
+        Line integrals are preserved (values are means, lengths grow by ``factor``): a coarse
+        rendering for coarse detector pixels, ``factor**3`` fewer voxels to sample.
+        """
+        if factor == 1:
+            return self
+        key = ("down", factor)
+        if key not in self._slabs:
+            data = self.data[None, None]
+            pad = [(-n) % factor for n in self.data.shape]  # (K, J, I) padding to a multiple
+            data = F.pad(data, (0, pad[2], 0, pad[1], 0, pad[0]))
+            coarse = F.avg_pool3d(data, factor)[0, 0]
+            affine = self.affine.copy()
+            affine[:3, 3] = affine[:3, :3] @ np.full(3, (factor - 1) / 2) + affine[:3, 3]
+            affine[:3, :3] = affine[:3, :3] * factor
+            self._slabs[key] = RenderVolume(
+                F.pad(coarse, (1, 1, 1, 1, 1, 1)).contiguous(),
+                _shift_for_padding(affine),
+                self.isocenter_mm,
+                self.quantity,
+            )
+        out = self._slabs[key]
+        out.isocenter_mm = self.isocenter_mm
+        return out
+
     def corners_mm(self) -> np.ndarray:
         """(8, 3) CT-world corners of the padded grid (voxel centres)."""
         k, j, i = self.data.shape
@@ -166,7 +193,7 @@ def prepare_volume(
         values = values[box]
         affine = box_affine(affine, box)
     values = np.pad(values, 1)
-    affine[:3, 3] = affine[:3, 3] - affine[:3, :3].sum(axis=1)
+    affine = _shift_for_padding(affine)
     iso = volume.center_mm if isocenter_mm is None else np.asarray(isocenter_mm, dtype=float)
     return RenderVolume(
         data=torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)),
@@ -174,6 +201,13 @@ def prepare_volume(
         isocenter_mm=iso,
         quantity=quantity,
     )
+
+
+def _shift_for_padding(affine: np.ndarray) -> np.ndarray:
+    """Affine of a grid after one voxel of padding on each side."""
+    out = affine.copy()
+    out[:3, 3] = out[:3, 3] - out[:3, :3].sum(axis=1)
+    return out
 
 
 def _as_pose_batch(pose) -> torch.Tensor:

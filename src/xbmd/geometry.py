@@ -136,6 +136,63 @@ class RigidTransform:
         return p @ self.rotation_matrix.T + np.asarray(self.translation_mm)
 
 
+def rounded(values, digits: int = 5) -> list[float]:
+    """Plain floats rounded for JSON files."""
+    return [round(float(x), digits) for x in values]
+
+
+@dataclass(frozen=True)
+class BodyPose:
+    """Where one rigid body of a CT is in the room: ``room = R(rotation_deg) (x - isocenter) + t``.
+
+    ``label_ids`` are the body's labels in the CT's label map; ``isocenter_mm`` is a CT-world point
+    (LPS mm), the centre of rotation of ``transform``. The JSON form (``to_dict``) is the one of the
+    virtual cohort's ``truth.json`` and of ``xbmd register`` (docs/data-format.md).
+    """
+
+    label_ids: tuple[int, ...]
+    isocenter_mm: np.ndarray
+    transform: RigidTransform
+
+    def to_dict(self) -> dict:
+        return {
+            "label_ids": [int(i) for i in self.label_ids],
+            "isocenter_mm": rounded(self.isocenter_mm),
+            "rotation_deg": rounded(self.transform.rotation_deg),
+            "translation_mm": rounded(self.transform.translation_mm),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BodyPose:
+        try:
+            return cls(
+                tuple(int(i) for i in d.get("label_ids", ())),
+                np.asarray(d["isocenter_mm"], dtype=float).reshape(3),
+                RigidTransform(
+                    tuple(float(x) for x in d["rotation_deg"]),
+                    tuple(float(x) for x in d["translation_mm"]),
+                ),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GeometryError(f"not a body pose ({exc}): {d!r}"[:300]) from None
+
+    def to_room(self) -> np.ndarray:
+        """4x4 CT-world -> room matrix."""
+        return self.transform.matrix() @ translation_matrix(-np.asarray(self.isocenter_mm))
+
+    @property
+    def vector(self) -> np.ndarray:
+        """(rx, ry, rz, tx, ty, tz) about ``isocenter_mm``, for ``drr.render``."""
+        return self.transform.as_vector()
+
+    def about(self, isocenter_mm: np.ndarray) -> BodyPose:
+        """The same placement expressed about another centre of rotation."""
+        c = np.asarray(isocenter_mm, dtype=float)
+        return BodyPose(
+            self.label_ids, c, RigidTransform.from_matrix(self.to_room() @ translation_matrix(c))
+        )
+
+
 def femur_rotation_deg(
     side: str, flexion_deg: float = 0.0, abduction_deg: float = 0.0, internal_deg: float = 0.0
 ) -> tuple[float, float, float]:
@@ -323,6 +380,22 @@ class PerspectiveGeometry(_Detector):
             (rows // factor, cols // factor),
             tuple(s * factor for s in self.pixel_spacing_mm),
             principal_point_px=((pr - shift) / factor, (pc - shift) / factor),
+            view=self.view,
+        )
+
+    def window(self, row0: int, col0: int, rows: int, cols: int) -> PerspectiveGeometry:
+        """The sub-detector of pixels [row0, row0 + rows) x [col0, col0 + cols) (same rays).
+
+        Used to render or compare only a region of interest; pixel (r, c) of the window is pixel
+        (row0 + r, col0 + c) of this detector.
+        """
+        pr, pc = self.principal_point
+        return PerspectiveGeometry(
+            self.sdd_mm,
+            self.sod_mm,
+            (int(rows), int(cols)),
+            self.pixel_spacing_mm,
+            principal_point_px=(pr - row0, pc - col0),
             view=self.view,
         )
 

@@ -81,10 +81,13 @@ class ManifestCase:
         def rel(p: Path | None) -> str:
             if p is None:
                 return ""
+            # resolved first: a relative path (e.g. `synth --out` relative to the working
+            # folder) is relative to where the program runs, not to the manifest
+            full = Path(p).resolve()
             try:
-                return Path(p).relative_to(root).as_posix()
+                return full.relative_to(Path(root).resolve()).as_posix()
             except ValueError:
-                return str(p)
+                return str(full)
 
         calibration = self.calibration
         if self.calibration_line is not None:
@@ -189,7 +192,7 @@ def _parse_row(row: dict, root: Path, where: str) -> ManifestCase:
         patient_id=get("patient_id"),
         ct=path_of(get("ct")),
         labels=path_of(get("labels")),
-        label_map=_parse_label_map(get("label_map"), where),
+        label_map=parse_label_map(get("label_map"), where),
         calibration=method,
         calibration_line=line,
         xrays=[path_of(x.strip()) for x in get("xrays").split(";") if x.strip()],
@@ -224,7 +227,7 @@ def _parse_calibration(value: str, where: str) -> tuple[str, tuple[float, float]
     )
 
 
-def _parse_label_map(value: str, where: str) -> dict[str, int]:
+def parse_label_map(value: str, where: str = "label_map") -> dict[str, int]:
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in value.split(";"))):
         name, _, ident = item.partition("=")

@@ -16,18 +16,17 @@ rotated femur leaves no ghost of its canal behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from xbmd import units
 from xbmd.drr import prepare_volume, render
 from xbmd.geometry import (
+    BodyPose,
     PerspectiveGeometry,
     RigidTransform,
     femur_rotation_deg,
-    translation_matrix,
+    rounded,
 )
 from xbmd.synth.model import BONE_LABELS, Anatomy
 from xbmd.volume import Box, Volume, bounding_box, box_affine
@@ -48,31 +47,6 @@ MUSCLE_HU = 45.0
 SOFT_EXTEND_MM = 120.0
 #: Render soft tissue and bones on this many output pixels per side, then upsample (smooth).
 SOFT_FACTOR, BONE_FACTOR = 4, 2
-
-
-@dataclass(frozen=True)
-class BodyPose:
-    """Where one rigid body is in the room: ``room = R(rotation_deg) (x - isocenter) + t``."""
-
-    label_ids: tuple[int, ...]
-    isocenter_mm: np.ndarray
-    transform: RigidTransform
-
-    def to_dict(self) -> dict:
-        return {
-            "label_ids": list(self.label_ids),
-            "isocenter_mm": _rounded(self.isocenter_mm),
-            "rotation_deg": _rounded(self.transform.rotation_deg),
-            "translation_mm": _rounded(self.transform.translation_mm),
-        }
-
-    def to_room(self) -> np.ndarray:
-        """4x4 CT-world -> room matrix."""
-        return self.transform.matrix() @ translation_matrix(-np.asarray(self.isocenter_mm))
-
-
-def _rounded(v) -> list[float]:
-    return [round(float(x), 5) for x in v]
 
 
 def sample_motions(rng: np.random.Generator, standard: bool) -> dict:
@@ -275,6 +249,6 @@ def projected_landmarks(
         )
         rc = geometry.project(np.stack([getattr(moved, n) for n in names]))
         out[side] = {
-            n.removesuffix("_mm") + "_px": _rounded(p) for n, p in zip(names, rc, strict=True)
+            n.removesuffix("_mm") + "_px": rounded(p) for n, p in zip(names, rc, strict=True)
         }
     return out

@@ -1,0 +1,334 @@
+"""2D-3D registration on virtual-cohort radiographs with known poses.
+
+For each radiograph of the cohort (``xbmd synth``), every body (pelvis, both femurs) starts from its
+true pose perturbed by up to 10 degrees about each axis, 20 mm in the detector plane and 50 mm
+along the beam (uniform), and is registered with ``xbmd.registration.register``. Reported per body:
+
+- rotation error (degrees, angle of R_est R_true^T);
+- mean projected distance (mPD, mm at the detector) of its anatomical landmarks (femur: head centre,
+  neck centre, head-neck junction, both trochanters; pelvis: acetabular centres, iliac-crest tops,
+  ischial bottoms); success = rotation error <= 1 degree and mPD <= 1 mm;
+- for the femurs, the BMD that matters: the mean proximal-femur DRR (g/cm2) inside its projected
+  region, from the registered pose versus from the true pose (relative difference);
+- time per body on this machine (``--threads``), similarity, quality flag.
+
+The strategies ``cma+gradient`` (default), ``gradient`` (gradient descent only) and ``cma`` (CMA-ES
+only) run on the same radiographs and the same perturbations (``--compare N``: the first N
+radiographs), so their accuracy and time compare directly. ``--default-init`` adds a run from the
+default AP pose (no pose given: what ``xbmd register`` does) on the same radiographs.
+
+Usage::
+
+    python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xbmd.calibration import Calibration
+from xbmd.drr import prepare_volume, render, volume_values
+from xbmd.femur import SILHOUETTE_CHORD_MM, proximal_femur_mask
+from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
+from xbmd.io.ct import read_ct, read_labels
+from xbmd.io.xray import read_xray
+from xbmd.landmarks import read_landmarks
+from xbmd.registration import (
+    RegistrationSettings,
+    build_scene,
+    projected_distance_mm,
+    register,
+    rotation_error_deg,
+    xray_geometry,
+)
+
+SIDES = ("right", "left")
+
+
+def perturb(pose: BodyPose, rng: np.random.Generator) -> BodyPose:
+    """Up to 10 degrees about each axis, 20 mm in-plane (x, z), 50 mm along the beam (y)."""
+    v = pose.vector.copy()
+    v[:3] += rng.uniform(-10.0, 10.0, 3)
+    v[[3, 5]] += rng.uniform(-20.0, 20.0, 2)
+    v[4] += rng.uniform(-50.0, 50.0)
+    return BodyPose(pose.label_ids, pose.isocenter_mm, RigidTransform.from_vector(v))
+
+
+class Case:
+    """A virtual case read from its files, with what the metrics need."""
+
+    def __init__(self, case_dir: Path):
+        self.dir = case_dir
+        self.truth = json.loads((case_dir / "truth.json").read_text())
+        ct = read_ct(case_dir / self.truth["ct"]["file"])
+        self.labels = read_labels(case_dir / self.truth["ct"]["labels"], ct)
+        # poses do not depend on the density scale: the scanner's true line is used here
+        tc = self.truth["ct"]["true_calibration"]
+        cal = Calibration.given(tc["slope_mg_cm3_per_hu"], tc["intercept_mg_cm3"])
+        self.density = ct.with_data(volume_values(ct, "density", cal), unit="mg/cm3")
+        self.landmarks = read_landmarks(case_dir / self.truth["landmarks"])
+        self.label_map = self.truth["ct"]["label_map"]
+        self.scene = build_scene(ct, self.labels, self.label_map, self.landmarks)
+        self.pf = {}
+        for side in SIDES:
+            lid = self.label_map[f"femur_{side}"]
+            mask = proximal_femur_mask(self.labels, lid, self.landmarks[side])
+            centre = self.scene.centre(f"femur_{side}")
+            pf = self.density.with_data(np.where(mask, self.density.data, 0).astype(np.float32))
+            ones = self.density.with_data(mask.astype(np.float32))
+            self.pf[side] = (
+                prepare_volume(pf, "density", isocenter_mm=centre),
+                prepare_volume(ones, "density", isocenter_mm=centre),
+            )
+
+    def true_poses(self, xray: dict) -> dict[str, BodyPose]:
+        return {
+            n: BodyPose.from_dict(d).about(self.scene.centre(n)) for n, d in xray["poses"].items()
+        }
+
+    def pf_bmd(self, side: str, pose: BodyPose, geometry: PerspectiveGeometry) -> float:
+        """Mean PF DRR (g/cm2) inside the PF region's projection, for this femur pose."""
+        pf, ones = self.pf[side]
+        vec = torch.as_tensor(pose.vector)
+        with torch.no_grad():
+            drr = render(pf, vec, geometry)[0].numpy()
+            chord = render(ones, vec, geometry)[0].numpy() * 1e4
+        region = chord > SILHOUETTE_CHORD_MM
+        return float(drr[region].mean())
+
+
+def run_one(case: Case, xray: dict, strategy: str, init, seed: int) -> list[dict]:
+    image = read_xray(case.dir / xray["dicom"])
+    geometry, _ = xray_geometry(image)
+    truth = case.true_poses(xray)
+    settings = RegistrationSettings(strategy=strategy, seed=seed)
+    t0 = time.perf_counter()
+    reg = register(case.scene, image.pixels, geometry, settings=settings, init=init)
+    total = time.perf_counter() - t0
+    rows = []
+    for name, body in reg.bodies.items():
+        mpd = projected_distance_mm(case.scene.landmarks_mm[name], body.pose, truth[name], geometry)
+        row = {
+            "case": case.dir.name,
+            "xray": xray["name"],
+            "strategy": strategy,
+            "init": "perturbed" if init else "default",
+            "body": name,
+            "rotation_error_deg": rotation_error_deg(body.pose, truth[name]),
+            "rotation_error_axes_deg": _rotvec_deg(body.pose, truth[name]),
+            "mpd_mm": float(mpd.mean()),
+            "similarity": body.similarity,
+            "flagged": body.flagged,
+            "reasons": body.reasons,
+            "time_s": body.time_s,
+            "xray_time_s": total,
+            "evaluations": body.evaluations,
+        }
+        if name.startswith("femur"):
+            side = name.removeprefix("femur_")
+            b_reg = case.pf_bmd(side, body.pose, geometry)
+            b_true = case.pf_bmd(side, truth[name], geometry)
+            row["pf_bmd_true_g_cm2"] = b_true
+            row["pf_bmd_diff_percent"] = 100.0 * (b_reg / b_true - 1.0)
+        rows.append(row)
+    return rows
+
+
+def _rotvec_deg(a: BodyPose, b: BodyPose) -> list[float]:
+    """Rotation from b to a as a rotation vector about the room axes (x, y, z), degrees."""
+    from scipy.spatial.transform import Rotation
+
+    r = a.transform.rotation_matrix @ b.transform.rotation_matrix.T
+    return [float(v) for v in np.degrees(Rotation.from_matrix(r).as_rotvec())]
+
+
+def summarise(rows: list[dict], label: str) -> dict:
+    out = {"label": label, "registrations": len(rows)}
+    if not rows:
+        return out
+    rot = np.array([r["rotation_error_deg"] for r in rows])
+    mpd = np.array([r["mpd_mm"] for r in rows])
+    ok = (rot <= 1.0) & (mpd <= 1.0)
+    flagged = np.array([r["flagged"] for r in rows])
+    out |= {
+        "success_percent": 100.0 * ok.mean(),
+        "rotation_error_deg": _dist(rot),
+        "mpd_mm": _dist(mpd),
+        "time_s": _dist(np.array([r["time_s"] for r in rows])),
+        "flagged_percent": 100.0 * flagged.mean(),
+        "failed_not_flagged": int((~ok & ~flagged).sum()),
+        "flagged_but_fine": int((ok & flagged).sum()),
+    }
+    pf = [abs(r["pf_bmd_diff_percent"]) for r in rows if "pf_bmd_diff_percent" in r]
+    if pf:
+        out["pf_bmd_abs_diff_percent"] = _dist(np.array(pf))
+    return out
+
+
+def _dist(x: np.ndarray) -> dict:
+    return {
+        "median": float(np.median(x)),
+        "p90": float(np.percentile(x, 90)),
+        "p95": float(np.percentile(x, 95)),
+        "max": float(x.max()),
+        "mean": float(x.mean()),
+    }
+
+
+def print_table(summaries: list[dict]) -> None:
+    head = (
+        f"{'run':34s} {'n':>4s} {'ok%':>6s} {'rot med/p95/max (deg)':>24s} "
+        f"{'mPD med/p95/max (mm)':>22s} {'|dBMD| med/p95 %':>17s} {'time med/p90 s':>15s} "
+        f"{'flag%':>6s} {'bad!flag':>8s}"
+    )
+    print(head)
+    for s in summaries:
+        if s["registrations"] == 0:
+            continue
+        r, m, t = s["rotation_error_deg"], s["mpd_mm"], s["time_s"]
+        pf = s.get("pf_bmd_abs_diff_percent")
+        pf_txt = f"{pf['median']:.3f}/{pf['p95']:.3f}" if pf else "-"
+        print(
+            f"{s['label']:34s} {s['registrations']:4d} {s['success_percent']:6.1f} "
+            f"{r['median']:7.2f}/{r['p95']:6.2f}/{r['max']:7.2f}   "
+            f"{m['median']:6.2f}/{m['p95']:5.2f}/{m['max']:7.2f}  {pf_txt:>17s} "
+            f"{t['median']:7.1f}/{t['p90']:5.1f}  {s['flagged_percent']:6.1f} "
+            f"{s['failed_not_flagged']:8d}"
+        )
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r["strategy"] == "cma+gradient" and r["init"] == "perturbed"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colours = {"pelvis": "tab:blue", "femur_right": "tab:orange", "femur_left": "tab:green"}
+    for body, c in colours.items():
+        sel = [r for r in main if r["body"] == body]
+        axes[0].scatter(
+            [r["rotation_error_deg"] for r in sel],
+            [r["mpd_mm"] for r in sel],
+            s=12,
+            c=c,
+            label=body,
+        )
+    axes[0].axvline(1.0, c="k", lw=0.7, ls="--")
+    axes[0].axhline(1.0, c="k", lw=0.7, ls="--")
+    axes[0].set_xscale("log")
+    axes[0].set_yscale("log")
+    axes[0].set_xlabel("rotation error (deg)")
+    axes[0].set_ylabel("mean projected landmark distance (mm)")
+    axes[0].set_title("accuracy from perturbed starts")
+    axes[0].legend(fontsize=8)
+    pf = [r["pf_bmd_diff_percent"] for r in main if "pf_bmd_diff_percent" in r]
+    axes[1].hist(pf, bins=30, color="tab:purple")
+    axes[1].axvline(-0.5, c="k", lw=0.7, ls="--")
+    axes[1].axvline(0.5, c="k", lw=0.7, ls="--")
+    axes[1].set_xlabel("PF-DRR ROI BMD, registered vs true pose (%)")
+    axes[1].set_title("the BMD that matters")
+    strategies = sorted({r["strategy"] for r in rows if r["init"] == "perturbed"})
+    compared = {(r["case"], r["xray"]) for r in rows if r["strategy"] != "cma+gradient"}
+    for i, s in enumerate(strategies):
+        sel = [
+            r
+            for r in rows
+            if r["strategy"] == s
+            and r["init"] == "perturbed"
+            and (r["case"], r["xray"]) in compared
+        ]
+        if not sel:
+            continue
+        t = [r["time_s"] for r in sel]
+        ok = [r["rotation_error_deg"] <= 1 and r["mpd_mm"] <= 1 for r in sel]
+        axes[2].scatter(
+            np.full(len(t), i) + np.random.default_rng(0).uniform(-0.15, 0.15, len(t)),
+            t,
+            s=10,
+            c=["tab:green" if o else "tab:red" for o in ok],
+        )
+    axes[2].set_xticks(range(len(strategies)), strategies)
+    axes[2].set_ylabel("time per body (s)")
+    axes[2].set_title("strategies (green: within 1 deg and 1 mm)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cohort", type=Path, default=Path("bench_out/reg20"))
+    ap.add_argument("--cases", type=int, default=None, help="first N cases (default all)")
+    ap.add_argument("--xrays", type=int, default=None, help="first N radiographs per case")
+    ap.add_argument("--compare", type=int, default=8, help="radiographs for the other strategies")
+    ap.add_argument("--default-init", type=int, default=0, help="radiographs from the default pose")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench_out/registration.json"))
+    ap.add_argument("--figure", type=Path, default=Path("bench_out/registration.png"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    case_dirs = sorted(p for p in (args.cohort / "cases").iterdir() if p.is_dir())[: args.cases]
+    rng = np.random.default_rng(args.seed)
+    rows, n_xray = [], 0
+    for case_dir in case_dirs:
+        case = Case(case_dir)
+        for xray in case.truth["xrays"][: args.xrays]:
+            truth = case.true_poses(xray)
+            init = {n: perturb(p, rng) for n, p in truth.items()}
+            runs = [("cma+gradient", init)]
+            if n_xray < args.compare:
+                runs += [("gradient", init), ("cma", init)]
+            if n_xray < args.default_init:
+                runs += [("cma+gradient", None)]
+            for strategy, start in runs:
+                new = run_one(case, xray, strategy, start, args.seed + n_xray)
+                rows += new
+                print(
+                    f"{case_dir.name} {xray['name']} {strategy:13s} "
+                    f"{'perturbed' if start else 'default':9s} "
+                    + "  ".join(
+                        f"{r['body']}: {r['rotation_error_deg']:.2f}deg {r['mpd_mm']:.2f}mm "
+                        f"{r['time_s']:.1f}s{' FLAG' if r['flagged'] else ''}"
+                        for r in new
+                    ),
+                    flush=True,
+                )
+            n_xray += 1
+    summaries = []
+    for strategy, init in [
+        ("cma+gradient", "perturbed"),
+        ("gradient", "perturbed"),
+        ("cma", "perturbed"),
+        ("cma+gradient", "default"),
+    ]:
+        sel = [r for r in rows if r["strategy"] == strategy and r["init"] == init]
+        compared = {(r["case"], r["xray"]) for r in rows if r["strategy"] == "gradient"}
+        for body in ("all", "pelvis", "femur"):
+            part = [r for r in sel if body == "all" or r["body"].startswith(body)]
+            summaries.append(summarise(part, f"{strategy} {init} {body}"))
+        if strategy == "cma+gradient" and init == "perturbed":
+            same = [r for r in sel if (r["case"], r["xray"]) in compared]
+            summaries.append(summarise(same, "cma+gradient perturbed (compared)"))
+    print()
+    print_table(summaries)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"summaries": summaries, "rows": rows}, indent=1))
+    figure(rows, args.figure)
+    print(
+        f"\nrows: {args.out}   figure: {args.figure}   "
+        f"median time per radiograph: {statistics.median(r['xray_time_s'] for r in rows):.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()
