@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_calibration.py
 	$(BIN)/python benchmarks/bench_synth.py --out bench_out/synth
 	$(BIN)/python benchmarks/bench_population.py --cohort bench_out/synth
+	$(BIN)/xbmd synth --out bench_out/reg20 --cases 20 --seed 3000 --poses 2 --workers 2
+	$(BIN)/python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 6 --default-init 4
+	$(BIN)/python benchmarks/bench_prepare.py --cohort bench_out/reg20 --workers 2
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

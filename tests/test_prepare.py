@@ -13,16 +13,9 @@ from typer.testing import CliRunner
 from xbmd.cli import app
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
+from xbmd.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, hip_crop, load_sample
 from xbmd.manifest import read_manifest, write_manifest
-from xbmd.prepare import (
-    CROP_PIXEL_MM,
-    CROP_SIZE_PX,
-    HEAD_POSITION,
-    INDEX_COLUMNS,
-    hip_crop,
-    load_sample,
-    prepare_dataset,
-)
+from xbmd.prepare import INDEX_COLUMNS, prepare_dataset
 from xbmd.registration import RegistrationSettings
 from xbmd.synth.cohort import SynthSettings, generate_cohort
 

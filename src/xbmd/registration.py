@@ -60,6 +60,9 @@ DEFAULT_HIP_TO_DETECTOR_MM = 150.0
 FEMUR_WINDOW_LENGTH_MM = 130.0
 #: A femoral head more than this far from where the pelvis puts it has left its acetabulum, mm.
 MAX_HEAD_SHIFT_MM = 6.0
+#: A body with less of its window (femur: its top 130 mm) inside the field than this is flagged:
+#: a femur whose shaft is collimated away has no orientation to register.
+MIN_VISIBLE_FRACTION = 0.75
 #: Soft tissue a bone displaces, HU (skeletal muscle).
 MUSCLE_HU = 45.0
 POSES_FORMAT = "xbmd-registration"
@@ -451,6 +454,16 @@ def _to_room(points_mm: np.ndarray, pose: BodyPose) -> np.ndarray:
     return points_mm @ m[:3, :3].T + m[:3, 3]
 
 
+def visible_fraction(points_mm: np.ndarray, pose: BodyPose, level: _Level) -> float:
+    """Share of a body's window points whose projection falls inside the radiograph's field."""
+    rc = np.rint(level.geometry.project(_to_room(points_mm, pose))).astype(int)
+    rows, cols = level.mask.shape
+    inside = (rc[:, 0] >= 0) & (rc[:, 0] < rows) & (rc[:, 1] >= 0) & (rc[:, 1] < cols)
+    seen = np.zeros(len(rc), dtype=bool)
+    seen[inside] = level.mask[rc[inside, 0], rc[inside, 1]]
+    return float(seen.mean())
+
+
 def _scales(sigma: tuple[float, float, float]) -> np.ndarray:
     rot, inplane, depth = sigma
     return np.array([rot, rot, rot, inplane, depth, inplane], dtype=float)
@@ -573,6 +586,12 @@ def _register_body(
     if at_edge.any():
         names = np.array(["rx", "ry", "rz", "tx", "ty", "tz"])[at_edge]
         reasons.append(f"{', '.join(names)} at the edge of the search range")
+    visible = visible_fraction(scene.window_points_mm[name], pose, levels[-1])
+    if visible < MIN_VISIBLE_FRACTION:
+        reasons.append(
+            f"only {100 * visible:.0f} % of the {name.replace('_', ' ')} inside the collimated "
+            "field: too little of it to pose it"
+        )
     if name.startswith("femur"):
         shift = np.linalg.norm(x[3:] - x_init[3:])
         if shift > MAX_HEAD_SHIFT_MM:
