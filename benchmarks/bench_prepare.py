@@ -30,9 +30,7 @@ from xbmd.prepare import prepare_dataset
 def run(manifest: Path, out: Path, workers: int, known: bool) -> dict:
     if out.exists():
         shutil.rmtree(out)
-    summary = prepare_dataset(
-        manifest, out, workers=workers, use_known_poses=known, progress=True
-    )
+    summary = prepare_dataset(manifest, out, workers=workers, use_known_poses=known, progress=True)
     label = "known poses" if known else "registered"
     print(
         f"{label:12s}: {summary['samples_written']} samples in {summary['seconds']:.0f} s = "
