@@ -55,7 +55,8 @@ def main() -> None:
         sheet.paste(p, (0, y))
         y += p.height + 8
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(args.out, optimize=True)
+    # a palette keeps the figure small in git; grey plus three outline colours need few
+    sheet.quantize(colors=96).save(args.out, optimize=True)
     kb = args.out.stat().st_size / 1e3
     print(f"{args.out}: {sheet.size[0]} x {sheet.size[1]} px, {kb:.0f} kB")
 
