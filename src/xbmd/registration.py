@@ -39,7 +39,7 @@ import torch
 from xbmd import units
 from xbmd.drr import RenderVolume, prepare_volume, render
 from xbmd.errors import GeometryError, InputError
-from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform, rounded
+from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
 from xbmd.landmarks import FemurLandmarks
 from xbmd.similarity import block_all, block_mean, field_mask, similarity
 from xbmd.volume import Volume
@@ -752,6 +752,5 @@ __all__ = [
     "read_poses",
     "register",
     "rotation_error_deg",
-    "rounded",
     "xray_geometry",
 ]
