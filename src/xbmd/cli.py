@@ -16,6 +16,7 @@ from xbmd.commands import drr as _drr
 from xbmd.commands import prepare as _prepare
 from xbmd.commands import register as _register
 from xbmd.commands import synth as _synth
+from xbmd.commands import train as _train
 
 app = typer.Typer(
     name="xbmd",
@@ -33,6 +34,7 @@ app.command("drr", help=_drr.HELP)(_drr.main)
 app.command("synth", help=_synth.HELP)(_synth.main)
 app.command("register", help=_register.HELP)(_register.main)
 app.command("prepare", help=_prepare.HELP)(_prepare.main)
+app.command("train", help=_train.HELP)(_train.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 
 

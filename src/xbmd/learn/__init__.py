@@ -1,0 +1,1 @@
+"""Learning: networks, training stages, the hip localiser and the model bundle."""

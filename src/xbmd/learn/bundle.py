@@ -1,0 +1,154 @@
+"""The model bundle: everything ``xbmd estimate`` needs in one file (``torch.save`` of a dict).
+
+Keys: ``format`` ('xbmd-model'), ``format_version``, ``xbmd_version``, ``created``, ``config``
+(the resolved training config), ``targets`` and ``target_stats`` ({target: [mean, sd]} of the
+training set, to undo the standardisation), ``generator`` (state dict: encoder, decoder,
+regression head), ``localiser`` (:func:`xbmd.learn.localiser.localiser_state`, or None) and
+``training`` (the run summary). The bundled default lives in ``xbmd/data/models/default.pt``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xbmd import __version__
+from xbmd.errors import InputError
+from xbmd.learn.data import model_input
+
+FORMAT = "xbmd-model"
+FORMAT_VERSION = 1
+
+
+def default_model_path() -> Path:
+    """The bundled default model (inside the installed package)."""
+    return Path(str(resources.files("xbmd") / "data" / "models" / "default.pt"))
+
+
+def write_bundle(
+    path: str | Path,
+    config: dict,
+    generator_state: dict,
+    target_stats: dict,
+    localiser: dict | None = None,
+    training: dict | None = None,
+) -> Path:
+    path = Path(path)
+    bundle = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "xbmd_version": __version__,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "targets": list(config["stages"]["3"]["targets"]),
+        "target_stats": target_stats,
+        "generator": {k: v.detach().cpu() for k, v in generator_state.items()},
+        "localiser": localiser,
+        "training": training or {},
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(bundle, tmp)
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class Prediction:
+    """Outputs for N hip crops at model resolution S (crop pixel = 192 / S detector mm).
+
+    pf_drr_g_cm2 (N, S, S) float32 >= 0: the virtual X-ray of the proximal femur, g/cm2;
+    pf_region (N, S, S) bool: the predicted proximal-femur region;
+    pf_probability (N, S, S) float32: its probability;
+    bmd_drr_g_cm2 (N,): mean of the virtual X-ray inside the region (NaN if empty);
+    targets {name: (N,)}: the stage-3 regression outputs in physical units.
+    """
+
+    pf_drr_g_cm2: np.ndarray
+    pf_region: np.ndarray
+    pf_probability: np.ndarray
+    bmd_drr_g_cm2: np.ndarray
+    targets: dict[str, np.ndarray]
+
+
+class ModelBundle:
+    """A loaded model bundle: the generator with its regression head, and the localiser."""
+
+    def __init__(self, bundle: dict, source: str = "model") -> None:
+        from xbmd.learn.module import build_generator
+
+        self.source = source
+        self.config = bundle["config"]
+        self.targets = list(bundle["targets"])
+        self.target_stats = bundle["target_stats"]
+        self.xbmd_version = bundle.get("xbmd_version")
+        self.created = bundle.get("created")
+        self.training = bundle.get("training", {})
+        self.image_size = int(self.config["image_size"])
+        self.region_probability = float(self.config["region_probability"])
+        self.generator = build_generator(self.config)
+        self.generator.load_state_dict(bundle["generator"])
+        self.generator.eval()
+        self.localiser = None
+        if bundle.get("localiser"):
+            from xbmd.learn.localiser import localiser_from_state
+
+            self.localiser = localiser_from_state(bundle["localiser"])
+            self.localiser.eval()
+
+    @torch.no_grad()
+    def predict(self, xray: np.ndarray, valid: np.ndarray) -> Prediction:
+        """Predict for hip crops: xray (N, 256, 256) raw crop values, valid (N, 256, 256) bool."""
+        xray = np.asarray(xray, dtype=np.float32)
+        valid = np.asarray(valid, dtype=bool)
+        if xray.ndim == 2:
+            xray, valid = xray[None], valid[None]
+        inputs = np.stack(
+            [model_input(x, v, self.image_size) for x, v in zip(xray, valid, strict=True)]
+        )
+        maps, pred = self.generator(torch.from_numpy(inputs))
+        drr = maps[:, 0].clamp_min(0).numpy().astype(np.float32)
+        prob = torch.sigmoid(maps[:, 1]).numpy().astype(np.float32)
+        region = prob > self.region_probability
+        counts = region.sum(axis=(1, 2))
+        bmd = np.where(counts > 0, (drr * region).sum(axis=(1, 2)) / np.maximum(counts, 1), np.nan)
+        targets = {}
+        for j, t in enumerate(self.targets):
+            mean, sd = self.target_stats[t]
+            targets[t] = pred[:, j].numpy().astype(np.float64) * sd + mean
+        return Prediction(drr, region, prob, bmd.astype(np.float64), targets)
+
+
+def load_bundle(path: str | Path | None = None) -> ModelBundle:
+    """Load a model bundle (None: the bundled default); clear errors for bad files."""
+    path = Path(path) if path is not None else default_model_path()
+    if not path.is_file():
+        hint = (
+            " (the bundled default model is missing from this installation)"
+            if path == default_model_path()
+            else ""
+        )
+        raise InputError(f"{path}: no such model file{hint}")
+    try:
+        bundle = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InputError(
+            f"{path}: not a readable model file ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(bundle, dict) or bundle.get("format") != FORMAT:
+        raise InputError(
+            f"{path}: not an xbmd model bundle (a Lightning checkpoint? use RUN/model.pt)"
+        )
+    if int(bundle.get("format_version", 0)) > FORMAT_VERSION:
+        raise InputError(
+            f"{path}: model format {bundle['format_version']} is newer than this xbmd reads "
+            f"({FORMAT_VERSION}); upgrade xbmd"
+        )
+    try:
+        return ModelBundle(bundle, str(path))
+    except (KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: model bundle is incomplete or inconsistent ({exc})") from None

@@ -1,0 +1,311 @@
+"""Training data: a prepared dataset in memory, the model input, the patient split, augmentation.
+
+The model input is built by :func:`model_input` from a hip crop (``xbmd.hip``, 256 x 256 of
+0.75 detector mm) in training and in ``xbmd estimate`` alike:
+
+1. the crop and its valid mask are area-averaged to ``image_size`` (valid-weighted);
+2. the X-ray is normalised by its 1st and 99th percentiles inside the valid pixels (so exposure,
+   window and bit depth do not matter), clipped to [-0.5, 1.5], and set to 0 where not valid;
+3. channel 0 is that image, channel 1 the valid mask.
+
+Augmentation (:func:`augment`) works on a batch in PyTorch: rotation, scale and translation
+applied identically to the input and to the DRR targets (areal density is resampled, not
+rescaled), then, on the input only, a smooth exposure ramp, gamma, blur, noise and JPEG
+compression, and the normalisation of step 2 again. It is written here rather than taken from
+MONAI's per-sample dictionary transforms because it acts on whole batches on the training device
+and needs JPEG, which MONAI lacks.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from xbmd.errors import InputError
+from xbmd.hip import CROP_SIZE_PX, load_sample
+
+#: Normalised X-ray values are clipped to this range.
+CLIP = (-0.5, 1.5)
+#: A crop pixel counts as valid at model resolution when this share of its block is valid.
+VALID_SHARE = 0.5
+#: DRR above this (g/cm2) is the region target of stage 1 (bone DRR).
+BONE_REGION_G_CM2 = 0.02
+
+
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return image.astype(np.float32)
+    h, w = image.shape[-2:]
+    shaped = image.reshape(*image.shape[:-2], h // factor, factor, w // factor, factor)
+    return shaped.mean(axis=(-3, -1)).astype(np.float32)
+
+
+def normalise(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Percentile normalisation inside ``valid`` (1st -> 0, 99th -> 1), clipped, 0 outside."""
+    values = image[valid]
+    if values.size < 16:
+        return np.zeros_like(image, dtype=np.float32)
+    lo, hi = np.percentile(values, [1.0, 99.0])
+    scale = hi - lo if hi > lo else 1.0
+    out = np.clip((image - lo) / scale, *CLIP)
+    return np.where(valid, out, 0.0).astype(np.float32)
+
+
+def model_input(xray: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
+    """(2, size, size) float32 model input from a hip crop (CROP_SIZE_PX square) and its mask."""
+    if xray.shape != (CROP_SIZE_PX, CROP_SIZE_PX) or valid.shape != xray.shape:
+        raise InputError(
+            f"a hip crop must be {CROP_SIZE_PX} x {CROP_SIZE_PX}, not {xray.shape} / {valid.shape}"
+        )
+    factor = CROP_SIZE_PX // size
+    weight = _block_mean(valid.astype(np.float32), factor)
+    summed = _block_mean(np.where(valid, xray, 0.0).astype(np.float32), factor)
+    ok = weight >= VALID_SHARE
+    image = np.where(ok, summed / np.maximum(weight, 1e-6), 0.0)
+    return np.stack([normalise(image, ok), ok.astype(np.float32)])
+
+
+def downsample_map(image: np.ndarray, size: int) -> np.ndarray:
+    """Area average of a (..., 256, 256) map (a DRR in g/cm2 keeps its units) to ``size``."""
+    return _block_mean(np.asarray(image, dtype=np.float32), image.shape[-1] // size)
+
+
+# ------------------------------------------------------------------------------------------------
+# The dataset in memory
+
+
+@dataclass
+class TrainingData:
+    """A prepared dataset (or part of it) at model resolution, in memory.
+
+    inputs (N, 2, S, S); bone, pf (N, S, S) g/cm2; pf_region (N, S, S) float {0, 1};
+    labels {column: (N,) float64, NaN where empty}; rows: the index.csv rows.
+    """
+
+    inputs: np.ndarray
+    bone: np.ndarray
+    pf: np.ndarray
+    pf_region: np.ndarray
+    labels: dict[str, np.ndarray]
+    rows: list[dict]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def subset(self, indices) -> TrainingData:
+        idx = np.asarray(indices, dtype=int)
+        return TrainingData(
+            self.inputs[idx],
+            self.bone[idx],
+            self.pf[idx],
+            self.pf_region[idx],
+            {k: v[idx] for k, v in self.labels.items()},
+            [self.rows[i] for i in idx],
+        )
+
+    @property
+    def patients(self) -> list[str]:
+        return [r["patient_id"] or r["case_id"] for r in self.rows]
+
+
+LABEL_COLUMNS = (
+    "ct_abmd_g_cm2",
+    "qct_vbmd_mg_cm3",
+    "neck_abmd_g_cm2",
+    "bmd_drr_g_cm2",
+    "dxa_total_hip_g_cm2",
+    "dxa_neck_g_cm2",
+)
+
+
+def read_index(dataset: str | Path) -> list[dict]:
+    """The rows of ``DATASET/index.csv``."""
+    index = Path(dataset) / "index.csv"
+    if not index.is_file():
+        raise InputError(f"{index}: no such file; is {dataset} a dataset written by xbmd prepare?")
+    with index.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = {"sample_id", "patient_id", "file", *LABEL_COLUMNS} - set(rows[0] if rows else {})
+    if not rows:
+        raise InputError(f"{index}: no samples")
+    if missing:
+        raise InputError(f"{index}: missing columns {', '.join(sorted(missing))}")
+    return rows
+
+
+def _float(value: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def load_training_data(dataset: str | Path, size: int, progress: bool = True) -> TrainingData:
+    """Every sample of a prepared dataset at model resolution ``size``."""
+    dataset = Path(dataset)
+    rows = read_index(dataset)
+    n = len(rows)
+    inputs = np.zeros((n, 2, size, size), np.float32)
+    bone = np.zeros((n, size, size), np.float32)
+    pf = np.zeros((n, size, size), np.float32)
+    region = np.zeros((n, size, size), np.float32)
+    for i, row in enumerate(
+        tqdm(rows, desc="loading samples", unit="sample", disable=not progress)
+    ):
+        arrays, _ = load_sample(dataset / row["file"])
+        try:
+            inputs[i] = model_input(arrays["xray"], arrays["valid"], size)
+            bone[i] = downsample_map(arrays["bone_drr_g_cm2"], size)
+            pf[i] = downsample_map(arrays["pf_drr_g_cm2"], size)
+            region[i] = downsample_map(arrays["pf_mask"].astype(np.float32), size) >= 0.5
+        except KeyError as exc:
+            raise InputError(f"{dataset / row['file']}: no array {exc}") from None
+    labels = {c: np.array([_float(r.get(c)) for r in rows]) for c in LABEL_COLUMNS}
+    return TrainingData(inputs, bone, pf, region, labels, rows)
+
+
+def patient_split(patients: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
+    """Sample indices (train, validation), no patient in both. Deterministic for a seed."""
+    unique = sorted(set(patients))
+    rng = np.random.default_rng(seed)
+    order = [unique[i] for i in rng.permutation(len(unique))]
+    n_val = round(val_fraction * len(unique))
+    if val_fraction > 0 and len(unique) >= 2:
+        n_val = min(max(n_val, 1), len(unique) - 1)
+    val_patients = set(order[:n_val])
+    train = [i for i, p in enumerate(patients) if p not in val_patients]
+    val = [i for i, p in enumerate(patients) if p in val_patients]
+    return train, val
+
+
+class StageDataset(torch.utils.data.Dataset):
+    """(input, drr target, region target, standardised labels) of one stage, as tensors."""
+
+    def __init__(self, data: TrainingData, target: str, targets: list[str], stats: dict):
+        self.inputs = torch.from_numpy(data.inputs)
+        if target == "bone_drr_g_cm2":
+            self.drr = torch.from_numpy(data.bone)
+            self.region = (self.drr > BONE_REGION_G_CM2).float()
+        else:
+            self.drr = torch.from_numpy(data.pf)
+            self.region = torch.from_numpy(data.pf_region)
+        labels = np.stack(
+            [(data.labels[t] - stats[t][0]) / stats[t][1] for t in targets], axis=1
+        ).astype(np.float32)
+        self.labels = torch.from_numpy(labels)
+        self.bmd_drr = torch.from_numpy(data.labels["bmd_drr_g_cm2"].astype(np.float32))
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int):
+        return self.inputs[i], self.drr[i], self.region[i], self.labels[i], self.bmd_drr[i]
+
+
+def target_stats(data: TrainingData, targets: list[str]) -> dict[str, list[float]]:
+    """{target: [mean, sd]} over the samples that have it."""
+    stats = {}
+    for t in targets:
+        values = data.labels[t][np.isfinite(data.labels[t])]
+        if values.size < 2:
+            raise InputError(f"the dataset has fewer than 2 values of {t!r}: cannot learn it")
+        stats[t] = [float(values.mean()), float(max(values.std(), 1e-6))]
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------
+# Augmentation
+
+
+def _renormalise(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Percentile normalisation of (B, H, W) inside ``valid`` (as :func:`normalise`)."""
+    out = torch.zeros_like(image)
+    for i in range(image.shape[0]):
+        values = image[i][valid[i]]
+        if values.numel() < 16:
+            continue
+        lo, hi = torch.quantile(values, torch.tensor([0.01, 0.99], dtype=values.dtype))
+        scale = hi - lo if hi > lo else torch.tensor(1.0)
+        out[i] = torch.where(valid[i], ((image[i] - lo) / scale).clamp(*CLIP), 0.0)
+    return out
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """8-bit JPEG round trip of an image in [0, 1]."""
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
+        buf, format="JPEG", quality=int(quality)
+    )
+    buf.seek(0)
+    return np.asarray(Image.open(buf), dtype=np.float32) / 255.0
+
+
+def augment(
+    inputs: torch.Tensor,
+    maps: list[torch.Tensor],
+    settings: dict,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Augment a batch: inputs (B, 2, H, W) and maps [(B, H, W), ...] moved together.
+
+    Maps are resampled bilinearly (masks in {0, 1} come back in [0, 1]; threshold them if needed).
+    ``settings`` is the config's ``augment`` section.
+    """
+    b, _, h, w = inputs.shape
+    dev = inputs.device
+
+    def uniform(lo: float, hi: float, n: int = b) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=generator).to(dev)
+
+    angle = uniform(-1, 1) * math.radians(settings["rotate_deg"])
+    scale = 1.0 + uniform(-1, 1) * settings["scale"]
+    shift = uniform(-1, 1, 2 * b).view(b, 2) * settings["translate_px"] * 2.0 / h
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, (b, 1, h, w), align_corners=False)
+    stacked = torch.cat([inputs, *(m[:, None] for m in maps)], dim=1)
+    moved = F.grid_sample(stacked, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    valid = moved[:, 1] > 0.999
+    image = moved[:, 0]
+    out_maps = [moved[:, 2 + i] for i in range(len(maps))]
+
+    # intensity, on the input only: exposure ramp, gamma, blur, noise, JPEG; then normalise again
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=dev), torch.linspace(-1, 1, w, device=dev), indexing="ij"
+    )
+    direction = uniform(0, 2 * math.pi)
+    ramp = torch.cos(direction)[:, None, None] * xx + torch.sin(direction)[:, None, None] * yy
+    image = image * (1.0 + settings["exposure"] * uniform(-0.5, 0.5)[:, None, None] * ramp)
+    gamma = torch.exp(uniform(-1, 1) * settings["gamma"])[:, None, None]
+    image = image.clamp(0, 1) ** gamma + (image - image.clamp(0, 1))
+    sigma = float(uniform(0, settings["blur_sigma"], 1))
+    if sigma > 0.3:
+        radius = max(1, math.ceil(2 * sigma))
+        x = torch.arange(-radius, radius + 1, device=dev, dtype=image.dtype)
+        k = torch.exp(-0.5 * (x / sigma) ** 2)
+        k = k / k.sum()
+        image = F.conv2d(image[:, None], k.view(1, 1, 1, -1), padding=(0, radius))
+        image = F.conv2d(image, k.view(1, 1, -1, 1), padding=(radius, 0))[:, 0]
+    image = image + settings["noise"] * uniform(0, 1)[:, None, None] * torch.randn(
+        image.shape, generator=generator
+    ).to(dev)
+    if settings["jpeg_probability"] > 0:
+        lo, hi = settings["jpeg_quality"]
+        chosen = torch.rand(b, generator=generator) < settings["jpeg_probability"]
+        for i in torch.nonzero(chosen).flatten().tolist():
+            quality = int(torch.randint(int(lo), int(hi) + 1, (1,), generator=generator))
+            jpeg = _jpeg(image[i].detach().cpu().numpy(), quality)
+            image[i] = torch.from_numpy(jpeg).to(dev)
+    image = _renormalise(image, valid)
+    return torch.stack([image, valid.float()], dim=1), out_maps

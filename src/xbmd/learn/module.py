@@ -1,0 +1,235 @@
+"""The Lightning module of one training stage.
+
+- Stages 1 and 2 (decomposition): conditional GAN, manual optimisation. The discriminator is
+  stepped on LSGAN real/fake, then the generator on
+  ``gan x LSGAN + feature_matching x FM + l1 x L1 + gc x (1 - GC) + mask x BCE(region)``.
+  Learning rate constant for the first half of the epochs, then linearly to 0 (as published).
+- Stage 3 (regression): the head on the encoder's deepest features predicts the standardised
+  targets (smooth L1); the encoder is fine-tuned at a lower rate while ``keep_decomposition`` x L1
+  on the proximal-femur DRR (plus the region BCE) keeps the decoder's virtual X-ray valid. The
+  'direct' ablation trains encoder and head from scratch on the regression alone.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.nn import functional as F
+
+from xbmd import __version__
+from xbmd.learn.data import augment
+from xbmd.learn.networks import (
+    IN_CHANNELS,
+    Generator,
+    MultiScaleDiscriminator,
+    adversarial_loss,
+    feature_matching_loss,
+    gradient_correlation_loss,
+)
+
+
+def build_generator(config: dict) -> Generator:
+    g = config["generator"]
+    return Generator(
+        g["backbone"],
+        g["channels"],
+        g["res_units"],
+        n_targets=len(config["stages"]["3"]["targets"]),
+    )
+
+
+def region_bmd(drr: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Mean DRR inside the region per image (NaN where the region is empty). (B, H, W) -> (B,)."""
+    region = region.to(drr.dtype)
+    n = region.sum(dim=(1, 2))
+    mean = (drr * region).sum(dim=(1, 2)) / n.clamp_min(1)
+    return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) per image, data range = the target's maximum. (B, H, W) -> (B,)."""
+    mse = ((pred - target) ** 2).mean(dim=(1, 2)).clamp_min(1e-12)
+    peak = target.amax(dim=(1, 2)).clamp_min(1e-6)
+    return 10 * torch.log10(peak**2 / mse)
+
+
+class StageModule(L.LightningModule):
+    """One stage ('1', '2' or '3') of hierarchical learning for a resolved ``config``."""
+
+    def __init__(
+        self, config: dict, stage: str, target_stats: dict, xbmd_version: str = __version__
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = config
+        self.stage = stage
+        self.automatic_optimization = False
+        self.generator = build_generator(config)
+        self.decomposition = stage in ("1", "2")
+        d = config["discriminator"]
+        self.discriminator = (
+            MultiScaleDiscriminator(IN_CHANNELS + 1, d["scales"], d["layers"], d["channels"])
+            if self.decomposition
+            else None
+        )
+        self.targets = list(config["stages"]["3"]["targets"])
+        self.stats = target_stats
+        self.region_probability = float(config["region_probability"])
+
+    # --------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        opt = self.config["optimizer"]
+        betas = tuple(opt["betas"])
+        epochs = max(1, self.config["stages"][self.stage]["epochs"])
+
+        def decay(epoch: int) -> float:
+            half = epochs // 2
+            return 1.0 if epoch < half else max(0.0, 1.0 - (epoch - half) / max(1, epochs - half))
+
+        if self.decomposition:
+            opt_g = torch.optim.AdamW(
+                self.generator.backbone.parameters(),
+                lr=opt["lr"],
+                betas=betas,
+                weight_decay=opt["weight_decay"],
+            )
+            opt_d = torch.optim.AdamW(
+                self.discriminator.parameters(),
+                lr=opt["lr"],
+                betas=betas,
+                weight_decay=opt["weight_decay"],
+            )
+            scheds = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_g, opt_d)]
+            return [opt_g, opt_d], scheds
+        s3 = self.config["stages"]["3"]
+        direct = self.config["ablation"] == "direct"
+        groups = [
+            {"params": self.generator.head.parameters(), "lr": s3["lr"]},
+            {
+                "params": self.generator.backbone.parameters(),
+                "lr": s3["lr"] if direct else s3["encoder_lr"],
+            },
+        ]
+        opt3 = torch.optim.AdamW(groups, betas=(0.9, 0.999), weight_decay=opt["weight_decay"])
+        return [opt3], [torch.optim.lr_scheduler.LambdaLR(opt3, decay)]
+
+    # --------------------------------------------------------------------------------------------
+    def _augmented(self, batch):
+        x, drr, region, labels, _ = batch
+        if self.config["augment"]["enabled"]:
+            x, (drr, region) = augment(x, [drr, region], self.config["augment"])
+            region = (region > 0.5).float()
+        return x, drr, region, labels
+
+    def training_step(self, batch, batch_idx):
+        if self.decomposition:
+            return self._gan_step(batch)
+        return self._regression_step(batch)
+
+    def _gan_step(self, batch):
+        x, drr, region, _ = self._augmented(batch)
+        w = self.config["losses"]
+        opt_g, opt_d = self.optimizers()
+        maps, _ = self.generator(x, regress=False)
+        fake, logit = maps[:, 0], maps[:, 1]
+        real_pair = torch.cat([x, drr[:, None]], dim=1)
+
+        # discriminator
+        d_real = self.discriminator(real_pair)
+        d_fake = self.discriminator(torch.cat([x, fake[:, None].detach()], dim=1))
+        loss_d = 0.5 * (
+            adversarial_loss(d_real, True, True) + adversarial_loss(d_fake, False, True)
+        )
+        opt_d.zero_grad()
+        self.manual_backward(loss_d)
+        opt_d.step()
+
+        # generator
+        d_fake = self.discriminator(torch.cat([x, fake[:, None]], dim=1))
+        terms = {
+            "gan": adversarial_loss(d_fake, True, False),
+            "feature_matching": feature_matching_loss(d_fake, d_real),
+            "l1": F.l1_loss(fake, drr),
+            "gc": gradient_correlation_loss(fake, drr),
+            "mask": F.binary_cross_entropy_with_logits(logit, region),
+        }
+        loss_g = sum(w[k] * v for k, v in terms.items())
+        opt_g.zero_grad()
+        self.manual_backward(loss_g)
+        opt_g.step()
+        # the discriminator's gradients from the generator step are discarded at its next step
+        self.log_dict(
+            {
+                "train/loss_g": loss_g,
+                "train/loss_d": loss_d,
+                **{f"train/{k}": v for k, v in terms.items()},
+            },
+            prog_bar=False,
+            on_step=False,
+            on_epoch=True,
+            batch_size=x.shape[0],
+            sync_dist=True,
+        )
+        self.log(
+            "loss_g", loss_g, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0]
+        )
+        return loss_g
+
+    def _regression_step(self, batch):
+        x, drr, region, labels = self._augmented(batch)
+        keep = (
+            0.0
+            if self.config["ablation"] == "direct"
+            else self.config["stages"]["3"]["keep_decomposition"]
+        )
+        (opt,) = (self.optimizers(),)
+        maps, pred = self.generator(x, decode=keep > 0)
+        ok = torch.isfinite(labels)
+        loss_reg = F.smooth_l1_loss(pred[ok], labels[ok]) if ok.any() else pred.sum() * 0
+        loss = loss_reg
+        if keep > 0:
+            loss = (
+                loss
+                + keep * F.l1_loss(maps[:, 0], drr)
+                + F.binary_cross_entropy_with_logits(maps[:, 1], region)
+            )
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        self.log_dict(
+            {"train/loss": loss, "train/regression": loss_reg},
+            on_step=False,
+            on_epoch=True,
+            batch_size=x.shape[0],
+            sync_dist=True,
+        )
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        scheds = self.lr_schedulers()
+        for s in scheds if isinstance(scheds, list) else [scheds]:
+            s.step()
+
+    # --------------------------------------------------------------------------------------------
+    def validation_step(self, batch, batch_idx):
+        x, drr, _, labels, bmd_drr = batch
+        direct = self.config["ablation"] == "direct"
+        maps, pred = self.generator(x, decode=not (self.stage == "3" and direct))
+        metrics = {}
+        if maps is not None:
+            fake = maps[:, 0]
+            metrics["val/l1"] = F.l1_loss(fake, drr)
+            metrics["val/psnr_db"] = psnr(fake, drr).mean()
+            if self.stage != "1":
+                mine = region_bmd(fake, torch.sigmoid(maps[:, 1]) > self.region_probability)
+                err = (mine - bmd_drr).abs() / bmd_drr
+                metrics["val/bmd_drr_abs_error_pct"] = 100 * torch.nanmean(err)
+        if pred is not None and self.stage == "3":
+            for j, t in enumerate(self.targets):
+                sd = self.stats[t][1]
+                ok = torch.isfinite(labels[:, j])
+                if ok.any():
+                    diff = (pred[ok, j] - labels[ok, j]).abs() * sd
+                    metrics[f"val/mae_{t}"] = diff.mean()
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
