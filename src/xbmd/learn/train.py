@@ -183,7 +183,10 @@ def _run_stage(
         else None
     )
     stage_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = ModelCheckpoint(dirpath=stage_dir, save_last=True, save_top_k=0)
+    # every epoch: the newest epoch file and last.ckpt (monitor=None keeps only the latest)
+    checkpoint = ModelCheckpoint(
+        dirpath=stage_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=1
+    )
     loggers = [CSVLogger(stage_dir, name="logs", version="")]
     try:
         loggers.append(TensorBoardLogger(stage_dir, name="logs", version="tb"))
