@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.xbmd-installed
 PIP    := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test lint bench model install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ bench: $(STAMP)
 	$(BIN)/xbmd synth --out bench_out/reg20 --cases 20 --seed 3000 --poses 2 --workers 2
 	$(BIN)/python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 6 --default-init 4
 	$(BIN)/python benchmarks/bench_prepare.py --cohort bench_out/reg20 --workers 2
+
+# The bundled default model (src/xbmd/data/models/default.pt), from scratch on 2 CPU cores:
+# a 64-patient virtual cohort (seed 4000, never used for evaluation), known poses, configs/default.yaml.
+model: $(STAMP)
+	$(BIN)/xbmd synth --out bench_out/train64 --cases 64 --seed 4000 --poses 2 --workers 2
+	$(BIN)/xbmd prepare bench_out/train64/manifest.csv --out bench_out/train64_ds --known-poses --workers 2
+	$(BIN)/xbmd train bench_out/train64_ds --out bench_out/run_default --config configs/default.yaml
+	cp bench_out/run_default/model.pt src/xbmd/data/models/default.pt
 
 clean:
 	rm -rf $(VENV) demo_out bench_out .pytest_cache

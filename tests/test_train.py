@@ -323,3 +323,37 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     (tmp_path / "model.pt").write_bytes(b"not a model")
     with pytest.raises(InputError, match="not a readable model file"):
         load_bundle(tmp_path / "model.pt")
+
+
+def test_end_to_end_prepare_train_estimate(dataset, small_config_file, tmp_path, monkeypatch):
+    """prepare (fixture) -> train every stage a few steps, localiser included -> estimate."""
+    import xbmd.estimate as estimate_module
+    from xbmd.learn.localiser import HeadDetection
+
+    run = tmp_path / "e2e"
+    args = ["train", str(dataset), "--out", str(run), "--config", str(small_config_file)]
+    result = CliRunner().invoke(app, [*args, "--max-steps", "2", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(run / "model.pt")
+    assert bundle.localiser is not None
+    # two steps do not teach the localiser: give it the true heads of the radiograph
+    prep = json.loads((dataset / "prepare.json").read_text())
+    rows = [r for r in read_index(dataset) if r["case_id"] == read_index(dataset)[0]["case_id"]]
+    xray = Path(prep["manifest"]).parent / rows[0]["xray"]
+    heads = []
+    for r in rows:
+        if r["xray"] == rows[0]["xray"]:
+            meta = json.loads((dataset / r["file"]).with_suffix(".json").read_text())
+            row, col = meta["landmarks_image_px"]["head_center_px"]
+            heads.append(HeadDetection(r["side"], row, col, 0.9))
+    monkeypatch.setattr(estimate_module, "locate_heads", lambda model, pixels: list(heads))
+    out = tmp_path / "estimate"
+    res = CliRunner().invoke(
+        app, ["estimate", str(xray), "--model", str(run / "model.pt"), "--out", str(out), "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("*/*/result.json"))]
+    assert {r["side"] for r in results} == {h.side for h in heads}
+    for r in results:
+        assert isinstance(r["bmd_g_cm2"], float) and isinstance(r["bmd_drr_g_cm2"], float | None)
+        assert np.load(r["virtual_xray_npy"]).shape == (64, 64)

@@ -107,16 +107,23 @@ class _FlexibleBackbone(nn.Module):
 
 
 class RegressionHead(nn.Module):
-    """Stage 3: global average pooling of the deepest encoder features, then a small MLP."""
+    """Stage 3: the deepest encoder features average-pooled to a 4 x 4 grid, then a small MLP.
+
+    The grid keeps where things are: the backbone's instance normalisation makes each channel's
+    global mean nearly constant, so a global average pool alone carries almost no signal.
+    """
+
+    GRID = 4
 
     def __init__(self, in_features: int, n_targets: int, hidden: int = 64) -> None:
         super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(self.GRID)
         self.mlp = nn.Sequential(
-            nn.Linear(in_features, hidden), nn.PReLU(), nn.Linear(hidden, n_targets)
+            nn.Linear(in_features * self.GRID**2, hidden), nn.PReLU(), nn.Linear(hidden, n_targets)
         )
 
     def forward(self, deepest: torch.Tensor) -> torch.Tensor:
-        return self.mlp(deepest.mean(dim=(2, 3)))
+        return self.mlp(self.pool(deepest).flatten(1))
 
 
 class Generator(nn.Module):

@@ -165,7 +165,11 @@ def _run_stage(
         if not start.is_file():
             raise InputError(f"stage {stage} starts from stage {previous}, not finished in {out}")
         state = torch.load(start, map_location="cpu", weights_only=False)
-        module.generator.load_state_dict(state["generator"])
+        # the regression head is trained in stage 3 only: start it fresh
+        backbone = {k: v for k, v in state["generator"].items() if not k.startswith("head.")}
+        missing, unexpected = module.generator.load_state_dict(backbone, strict=False)
+        if unexpected or any(not k.startswith("head.") for k in missing):
+            raise InputError(f"{start}: weights do not fit this config's generator")
         if module.discriminator is not None and state.get("discriminator"):
             module.discriminator.load_state_dict(state["discriminator"])
     target = config["stages"][stage].get("target", "pf_drr_g_cm2")
@@ -185,7 +189,7 @@ def _run_stage(
     stage_dir.mkdir(parents=True, exist_ok=True)
     # every epoch: the newest epoch file and last.ckpt (monitor=None keeps only the latest)
     checkpoint = ModelCheckpoint(
-        dirpath=stage_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=1
+        dirpath=stage_dir, filename="{epoch:03d}", save_last=True, save_top_k=1
     )
     loggers = [CSVLogger(stage_dir, name="logs", version="")]
     try:

@@ -1,0 +1,138 @@
+"""`xbmd estimate`: hip BMD, T-score and a virtual X-ray from plain AP pelvis or hip radiographs."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
+import typer
+
+from xbmd.commands._common import user_errors
+from xbmd.tscore import DEFAULT_REFERENCE, REFERENCES
+
+HELP = (
+    "Estimate the bone mineral density of each hip on plain AP pelvis or hip radiographs (DICOM "
+    "DX/CR, PNG, JPEG, TIFF): the model's localiser finds each femoral head, each hip is cropped "
+    "as `xbmd prepare` does (left hips mirrored), and the model predicts the total hip aBMD "
+    "(g/cm2, DXA-like), its T-score and WHO category, and a virtual X-ray of the proximal femur "
+    "(g/cm2) mapped back onto the radiograph. Writes DIR/<image>/<side>/result.json with the "
+    "virtual X-ray (.npy, .png) and an overlay, DIR/<image>/overview.png and DIR/results.csv. "
+    "Results the checks find implausible (no hip in the crop, values beyond the training range) "
+    "are marked 'confident: false' with warnings. Exit code 0 when every image was estimated, 2 "
+    "when some could not be (unusable or refused; listed, the rest written), 1 when none could."
+)
+
+
+class Side(str, Enum):
+    right = "right"
+    left = "left"
+
+
+Reference = Enum("Reference", {r: r for r in REFERENCES}, type=str)
+_DEFAULT_REFERENCE = Reference(DEFAULT_REFERENCE)
+
+
+def main(
+    images: list[Path] = typer.Argument(..., help="Radiographs (DICOM, PNG, JPEG, TIFF)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model bundle (xbmd train's model.pt); default: the bundled one."
+    ),
+    out: Path = typer.Option(Path("xbmd_estimate"), "--out", help="Output folder."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the results as JSON on stdout (the summary goes to stderr)."
+    ),
+    pixel_spacing: float | None = typer.Option(
+        None,
+        "--pixel-spacing",
+        help="Detector pixel spacing, mm (needed for images without one: PNG, JPEG, some TIFF).",
+    ),
+    reference: Reference = typer.Option(
+        _DEFAULT_REFERENCE,
+        "--reference",
+        help="T-score reference (default: ISCD, white women for everybody).",
+    ),
+    unilateral: Side | None = typer.Option(
+        None,
+        "--unilateral",
+        help="The images are crops of one hip, this side. If the localiser finds no head, it is "
+        "assumed where `xbmd prepare` puts it (40 % of the height, centred) and the result is "
+        "marked not confident.",
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    with user_errors():
+        from tqdm import tqdm
+
+        from xbmd.errors import XbmdError
+        from xbmd.estimate import Estimator, summary_line, write_csv
+
+        estimator = Estimator(model, reference=reference.value)
+        names = _folder_names(images)
+        results, failures = [], []
+        bar = tqdm(images, unit="image", disable=not progress or len(images) < 2, file=_stderr())
+        for path, name in zip(bar, names, strict=True):
+            try:
+                found = estimator.estimate(
+                    path, pixel_spacing, unilateral.value if unilateral else None
+                )
+                estimator.write(found, out, name)
+            except XbmdError as exc:
+                failures.append({"image": str(path), "error": str(exc)})
+                tqdm.write(f"error: {exc}", file=_stderr())
+                continue
+            for r in found:
+                # stdout is for the JSON with --json; tqdm.write keeps the bar intact
+                tqdm.write(summary_line(r), file=_stderr() if as_json else _stdout())
+                r.xray = None  # the radiograph's pixels are not needed any more
+            results.extend(found)
+        if results:
+            write_csv(results, out / "results.csv")
+        if failures:
+            _write_failures(failures, out / "failures.csv")
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in results] + failures, indent=2))
+    n_ok = len({r.image for r in results})
+    tail = f"   failures: {out / 'failures.csv'}" if failures else ""
+    typer.echo(
+        f"{len(results)} hips of {n_ok} images estimated, {len(failures)} images failed; "
+        f"results: {out / 'results.csv'}{tail}",
+        err=as_json,
+    )
+    if failures and not results:
+        raise typer.Exit(code=1)
+    if failures:
+        raise typer.Exit(code=2)
+
+
+def _stderr():
+    import sys
+
+    return sys.stderr
+
+
+def _stdout():
+    import sys
+
+    return sys.stdout
+
+
+def _folder_names(images: list[Path]) -> list[str]:
+    """One output folder per image: its stem, numbered when two images share one."""
+    seen: dict[str, int] = {}
+    names = []
+    for path in images:
+        stem = Path(path).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return names
+
+
+def _write_failures(failures: list[dict], path: Path) -> None:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, ["image", "error"])
+        writer.writeheader()
+        writer.writerows(failures)

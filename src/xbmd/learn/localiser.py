@@ -1,0 +1,696 @@
+"""The hip localiser: finds each femoral head on a whole AP pelvis or hip radiograph.
+
+``xbmd estimate`` crops each hip around its femoral head (:func:`xbmd.hip.hip_crop`); this module
+says where the heads are. A small fully-convolutional network (MONAI ``UNet``) maps the
+radiograph, fitted into a square input (:func:`preprocess`), to two heatmaps:
+
+- channel 0: the patient's RIGHT femoral head (the image's left on an AP view),
+- channel 1: the patient's LEFT femoral head,
+
+each a Gaussian of ``sigma_px`` input pixels at the head centre, 0 elsewhere. A head's position
+is the centroid of its heatmap's peak (above half the peak, sub-pixel), mapped back to the
+radiograph's pixels; its confidence is the peak height (0..1). Nothing depends on the pixel
+spacing (PNG inputs may lack it).
+
+Training (:func:`train_localiser`) reads the radiographs of ``xbmd prepare`` datasets and their
+head centres (sample sidecars, ``landmarks_image_px["head_center_px"]``), and draws random views
+of them: whole images, hips zoomed in (often one head only), anywhere (often no head), all with
+random scale, rotation, exposure, gamma, blur and noise, and horizontal flips that swap the
+right/left channels (a mirrored right hip looks like a left hip). Synthetic images with no hip
+(smooth noise, gradients, blobs, bars) teach it to report low confidence there. A side missing
+from a dataset's index (refused by ``xbmd prepare``) is unknown, not absent: that channel is left
+out of the loss for that radiograph.
+
+Example
+-------
+>>> model, report = train_localiser(Path("dataset"), LocaliserSettings())  # doctest: +SKIP
+>>> locate_heads(model, read_xray("pelvis.dcm").pixels)  # doctest: +SKIP
+[HeadDetection(side='right', row=702.3, col=318.9, confidence=0.97), ...]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from xbmd import __version__
+from xbmd.errors import InputError, XbmdError
+
+#: Heatmap channels, in order: the patient's right femoral head, then the left.
+SIDES = ("right", "left")
+STATE_FORMAT = "xbmd-hip-localiser"
+STATE_FORMAT_VERSION = 1
+#: Intensity percentiles mapped to 0 and 1 by :func:`normalise_intensity`.
+NORMALISE_PERCENTILES = (1.0, 99.0)
+#: Training radiographs are kept at this many times the input size, so that zoomed views stay
+#: sharp.
+STORE_FACTOR = 2
+#: Views drawn in training: (kind, probability). 'whole': the whole radiograph; 'hip': zoomed in
+#: around a known head (often one head only); 'anywhere': zoomed in anywhere (often no head);
+#: 'negative': a synthetic image with no hip.
+VIEW_KINDS = (("whole", 0.35), ("hip", 0.40), ("anywhere", 0.15), ("negative", 0.10))
+#: Heatmap loss weight of target pixels (1 + POSITIVE_WEIGHT * target): heads are small.
+POSITIVE_WEIGHT = 20.0
+#: Two peaks (right, left) closer than this fraction of the input size are the same head seen as
+#: both sides: only the stronger is reported.
+MIN_SEPARATION = 0.1
+#: Head (row, col) of a side known to be absent (synthetic negatives): far outside every view, so
+#: its target is 0 and it counts in the loss.
+ABSENT = -1e6
+
+
+@dataclass(frozen=True)
+class HeadDetection:
+    """One femoral head found on a radiograph.
+
+    Attributes
+    ----------
+    side : 'right' or 'left', the patient's side.
+    row, col : the head centre, continuous pixel coordinates of the radiograph given.
+    confidence : the heatmap peak height, 0..1.
+    """
+
+    side: str
+    row: float
+    col: float
+    confidence: float
+
+
+@dataclass
+class LocaliserSettings:
+    """How the localiser is built and trained.
+
+    Attributes
+    ----------
+    input_size : side of the square network input, pixels (a multiple of 2**(levels - 1)).
+    channels : UNet feature channels per level (levels = len(channels)).
+    res_units : residual units per UNet block.
+    epochs, steps_per_epoch, batch_size : training length. An epoch is ``steps_per_epoch``
+        batches of random views, spread evenly over the radiographs, so that training time does
+        not grow with the dataset.
+    lr : peak learning rate (Adam, linear warm-up then cosine decay).
+    sigma_px : Gaussian target width, input pixels.
+    seed : seed of every random draw in training (initialisation, views, augmentation).
+    threshold : confidence below which a head counts as absent.
+    """
+
+    input_size: int = 128
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    res_units: int = 1
+    epochs: int = 30
+    steps_per_epoch: int = 25
+    batch_size: int = 16
+    lr: float = 3e-3
+    sigma_px: float = 2.0
+    seed: int = 0
+    threshold: float = 0.3
+
+    def __post_init__(self) -> None:
+        self.channels = tuple(int(c) for c in self.channels)
+        stride = 2 ** (len(self.channels) - 1)
+        if len(self.channels) < 2 or self.input_size % stride or self.input_size < 2 * stride:
+            raise InputError(
+                f"input_size ({self.input_size}) must be a multiple of 2**(levels - 1) = {stride} "
+                f"and at least twice it, for channels {self.channels} (at least 2 levels)"
+            )
+        for name in ("epochs", "steps_per_epoch", "batch_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if not (self.sigma_px > 0 and self.lr > 0 and 0 < self.threshold < 1):
+            raise InputError("sigma_px and lr must be positive and threshold in (0, 1)")
+
+
+class TrainingImage(NamedTuple):
+    """One radiograph of a training set: its file and its head centres.
+
+    ``heads[side]`` is (row, col) in the radiograph's pixels, or None where the side is unknown
+    (not in the dataset's index): unknown, not absent.
+    """
+
+    xray: Path
+    heads: dict[str, tuple[float, float] | None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Preprocessing: any radiograph -> the square network input, and back
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How a radiograph was fitted into the square input: ``input_rc = image_rc * scale + offset``.
+
+    Continuous pixel coordinates (pixel centres at integers) on both sides; per axis because the
+    resized size is rounded to whole pixels.
+    """
+
+    input_size: int
+    scale_rc: tuple[float, float]
+    offset_rc: tuple[float, float]
+    resized_rc: tuple[int, int]
+    pad_rc: tuple[int, int]
+
+    def to_input(self, rc: np.ndarray) -> np.ndarray:
+        """Radiograph (row, col) points (..., 2) -> input (row, col) (..., 2)."""
+        return np.asarray(rc, dtype=float) * self.scale_rc + self.offset_rc
+
+    def to_image(self, rc: np.ndarray) -> np.ndarray:
+        """Input (row, col) points (..., 2) -> radiograph (row, col) (..., 2)."""
+        return (np.asarray(rc, dtype=float) - self.offset_rc) / self.scale_rc
+
+
+def letterbox(shape: tuple[int, int], input_size: int) -> Letterbox:
+    """The fit of an image of ``shape`` (rows, cols) into ``input_size`` squared: the longer side
+    scaled to ``input_size``, aspect kept, the other side padded equally on both ends."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows < 1 or cols < 1:
+        raise InputError(f"image must have at least one pixel, got shape {shape}")
+    factor = input_size / max(rows, cols)
+    resized = (max(1, round(rows * factor)), max(1, round(cols * factor)))
+    scale = (resized[0] / rows, resized[1] / cols)
+    pad = ((input_size - resized[0]) // 2, (input_size - resized[1]) // 2)
+    # resizing maps pixel centres as (x + 0.5) * scale - 0.5 (half-pixel convention)
+    offset = tuple(0.5 * s - 0.5 + p for s, p in zip(scale, pad, strict=True))
+    return Letterbox(input_size, scale, offset, resized, pad)
+
+
+def normalise_intensity(pixels: np.ndarray) -> np.ndarray:
+    """Robust intensity scale: the ``NORMALISE_PERCENTILES`` of the finite values to 0 and 1,
+    clipped to [-0.5, 1.5]; non-finite values become 0. A constant image becomes 0."""
+    img = np.asarray(pixels, dtype=np.float32)
+    finite = np.isfinite(img)
+    if not finite.any():
+        return np.zeros(img.shape, np.float32)
+    low, high = np.percentile(img[finite], NORMALISE_PERCENTILES)
+    if high <= low:
+        return np.zeros(img.shape, np.float32)
+    out = np.clip((img - low) / (high - low), -0.5, 1.5)
+    return np.where(finite, out, 0).astype(np.float32)
+
+
+def preprocess(pixels: np.ndarray, input_size: int) -> tuple[np.ndarray, Letterbox]:
+    """A radiograph as the square network input.
+
+    Parameters
+    ----------
+    pixels : ndarray of shape (rows, cols), bone bright (``XRay.pixels``), any intensity units.
+    input_size : side of the square output, pixels.
+
+    Returns
+    -------
+    image : ndarray (input_size, input_size) float32, resized with anti-aliasing (bilinear),
+        intensity-normalised (:func:`normalise_intensity`), padded with 0.
+    box : Letterbox, to map input coordinates back to the radiograph's.
+    """
+    img = np.asarray(pixels, dtype=np.float32)
+    if img.ndim != 2:
+        raise InputError(f"radiograph pixels must be 2D (rows, cols), got shape {img.shape}")
+    box = letterbox(img.shape, input_size)
+    finite = np.isfinite(img)
+    fill = float(np.median(img[finite])) if finite.any() else 0.0
+    tensor = torch.from_numpy(np.where(finite, img, fill).astype(np.float32))[None, None]
+    resized = F.interpolate(
+        tensor, size=box.resized_rc, mode="bilinear", align_corners=False, antialias=True
+    )[0, 0].numpy()
+    out = np.zeros((input_size, input_size), np.float32)
+    (r0, c0), (nr, nc) = box.pad_rc, box.resized_rc
+    out[r0 : r0 + nr, c0 : c0 + nc] = normalise_intensity(resized)
+    return out, box
+
+
+# ------------------------------------------------------------------------------------------------
+# The network
+
+
+class Localiser(torch.nn.Module):
+    """Radiograph -> two head heatmaps (right, left). Holds its settings.
+
+    ``forward`` takes (batch, 1, input_size, input_size) preprocessed images and returns
+    (batch, 2, input_size, input_size) heatmaps (about 1 at a head centre, 0 elsewhere).
+    """
+
+    def __init__(self, settings: LocaliserSettings) -> None:
+        super().__init__()
+        from monai.networks.nets import UNet  # monai takes seconds to import
+
+        self.settings = settings
+        #: How the weights were made (the training report), kept in the state.
+        self.provenance: dict = {}
+        self.net = UNet(
+            spatial_dims=2,
+            in_channels=1,
+            out_channels=len(SIDES),
+            channels=settings.channels,
+            strides=(2,) * (len(settings.channels) - 1),
+            num_res_units=settings.res_units,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def localiser_state(model: Localiser) -> dict:
+    """A plain dict (settings, weights, provenance) to embed in a bundle saved with torch.save."""
+    return {
+        "format": STATE_FORMAT,
+        "format_version": STATE_FORMAT_VERSION,
+        "xbmd_version": __version__,
+        "settings": asdict(model.settings),
+        "provenance": dict(model.provenance),
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    }
+
+
+def localiser_from_state(state: dict) -> Localiser:
+    """The localiser saved by :func:`localiser_state`, in eval mode."""
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"not a hip localiser state (format {STATE_FORMAT!r} expected)")
+    if state.get("format_version") != STATE_FORMAT_VERSION:
+        raise InputError(
+            f"hip localiser state version {state.get('format_version')!r} is not supported "
+            f"(this xbmd reads version {STATE_FORMAT_VERSION})"
+        )
+    known = {f.name for f in fields(LocaliserSettings)}
+    unknown = sorted(set(state["settings"]) - known)
+    if unknown:
+        raise InputError(f"hip localiser state has unknown settings {unknown}; known: {known}")
+    model = Localiser(LocaliserSettings(**state["settings"]))
+    model.load_state_dict(state["state_dict"])
+    model.provenance = dict(state.get("provenance", {}))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference
+
+
+def localiser_heatmaps(model: Localiser, pixels: np.ndarray) -> tuple[np.ndarray, Letterbox]:
+    """The model's heatmaps (2, input_size, input_size) float32 of a radiograph, and its fit."""
+    image, box = preprocess(pixels, model.settings.input_size)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        heat = model(torch.from_numpy(image)[None, None])[0].numpy()
+    model.train(was_training)
+    return heat, box
+
+
+def locate_heads(model: Localiser, pixels: np.ndarray) -> list[HeadDetection]:
+    """The femoral heads on a radiograph: one detection per side whose confidence reaches the
+    model's ``threshold`` (0, 1 or 2), right first.
+
+    Parameters
+    ----------
+    model : a trained Localiser.
+    pixels : ndarray of shape (rows, cols), bone bright (``XRay.pixels``).
+
+    Returns
+    -------
+    list of HeadDetection, (row, col) in the radiograph's pixels.
+    """
+    heat, box = localiser_heatmaps(model, pixels)
+    settings = model.settings
+    peaks = [heatmap_peak(h, settings.sigma_px) for h in heat]
+    (r0, c0, p0), (r1, c1, p1) = peaks
+    if math.hypot(r0 - r1, c0 - c1) < MIN_SEPARATION * settings.input_size:
+        peaks[int(p0 >= p1)] = (r0, c0, 0.0)  # one head seen as both sides: keep the stronger
+    found = []
+    for side, (row, col, peak) in zip(SIDES, peaks, strict=True):
+        confidence = float(np.clip(peak, 0.0, 1.0))
+        if confidence >= settings.threshold:
+            image_rc = box.to_image([row, col])
+            found.append(HeadDetection(side, float(image_rc[0]), float(image_rc[1]), confidence))
+    return found
+
+
+def heatmap_peak(heatmap: np.ndarray, sigma_px: float) -> tuple[float, float, float]:
+    """(row, col, height) of a heatmap's highest peak; (row, col) is the centroid of the peak's
+    values above half its height, within 2 sigma of the maximum (sub-pixel, unbiased for a
+    Gaussian)."""
+    heat = np.asarray(heatmap, dtype=np.float64)
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    peak = float(heat[r, c])
+    radius = max(2, math.ceil(2 * sigma_px))
+    rows_n, cols_n = heat.shape
+    rs = slice(max(r - radius, 0), min(r + radius + 1, rows_n))
+    cs = slice(max(c - radius, 0), min(c + radius + 1, cols_n))
+    weights = np.clip(heat[rs, cs] - 0.5 * peak, 0, None)
+    if peak <= 0 or weights.sum() <= 0:
+        return float(r), float(c), peak
+    rows, cols = np.mgrid[rs, cs]
+    total = weights.sum()
+    return float((weights * rows).sum() / total), float((weights * cols).sum() / total), peak
+
+
+# ------------------------------------------------------------------------------------------------
+# Training set
+
+
+def localiser_training_set(dataset: Path) -> list[TrainingImage]:
+    """The radiographs of an ``xbmd prepare`` dataset and their femoral head centres.
+
+    Reads ``DATASET/prepare.json`` (the manifest's path; radiograph paths in the index are
+    relative to its folder), ``DATASET/index.csv`` and each sample's sidecar
+    (``landmarks_image_px["head_center_px"]``). One entry per radiograph, in index order; a side
+    with no sample is None (unknown).
+    """
+    dataset = Path(dataset)
+    index, summary = dataset / "index.csv", dataset / "prepare.json"
+    for path in (index, summary):
+        if not path.is_file():
+            raise InputError(f"{path}: no such file; not an `xbmd prepare` dataset")
+    try:
+        manifest = Path(json.loads(summary.read_text())["manifest"])
+        with index.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{summary} or {index}: unreadable ({exc})") from None
+    images: dict[Path, dict] = {}
+    for row in rows:
+        try:
+            xray, side, sidecar = row["xray"], row["side"], dataset / row["file"]
+        except KeyError as exc:
+            raise InputError(f"{index}: no column {exc}") from None
+        if side not in SIDES:
+            raise InputError(f"{index}: side must be one of {SIDES}, not {side!r}")
+        heads = images.setdefault(manifest.parent / xray, dict.fromkeys(SIDES))
+        heads[side] = _head_center(sidecar.with_suffix(".json"))
+    return [TrainingImage(path, heads) for path, heads in images.items()]
+
+
+def _head_center(sidecar: Path) -> tuple[float, float]:
+    try:
+        row, col = json.loads(sidecar.read_text())["landmarks_image_px"]["head_center_px"]
+        head = (float(row), float(col))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{sidecar}: no femoral head centre ({exc!r})") from None
+    if not all(math.isfinite(v) for v in head):
+        raise InputError(f"{sidecar}: femoral head centre is not finite: {head}")
+    return head
+
+
+# ------------------------------------------------------------------------------------------------
+# Views: random fields of a stored radiograph, as network inputs with their targets
+
+
+@dataclass(frozen=True)
+class View:
+    """A square field of a stored image: view pixel (row, col) -> stored pixel
+    ``center_rc + scale * R(angle) @ F @ ((row, col) - (n - 1) / 2)``, n = input size, F a
+    column flip when ``flip``. A flipped view swaps the right/left target channels."""
+
+    center_rc: tuple[float, float]
+    scale: float
+    angle_rad: float = 0.0
+    flip: bool = False
+
+    def matrix(self, input_size: int) -> np.ndarray:
+        """(2, 3) affine: view (row, col, 1) -> stored (row, col)."""
+        cos, sin = math.cos(self.angle_rad), math.sin(self.angle_rad)
+        linear = self.scale * np.array([[cos, -sin], [sin, cos]])
+        if self.flip:
+            linear = linear @ np.diag([1.0, -1.0])
+        half = (input_size - 1) / 2
+        shift = np.asarray(self.center_rc, dtype=float) - linear @ [half, half]
+        return np.column_stack([linear, shift])
+
+
+def render_views(
+    stored: torch.Tensor,
+    heads: np.ndarray,
+    views: list[View],
+    input_size: int,
+    sigma_px: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Network inputs and targets of views of stored images.
+
+    Parameters
+    ----------
+    stored : (batch, 1, H, W) float32, the image each view looks at (normalised, 0 outside).
+    heads : (batch, 2, 2) float, (row, col) of the right and left heads in stored pixels, NaN
+        where unknown.
+    views : one View per image.
+
+    Returns
+    -------
+    images : (batch, 1, n, n) float32, n = input_size, bilinear, 0 outside the stored image.
+    targets : (batch, 2, n, n) float32 Gaussians of ``sigma_px`` at the heads (right, left; the
+        channels swapped in flipped views); 0 where the head is unknown.
+    known : (batch, 2) float32, 1 where the channel's head is known (present or absent).
+    """
+    batch, _, height, width = stored.shape
+    grid_rc = np.stack(np.mgrid[0:input_size, 0:input_size], axis=-1).astype(float)
+    coords, view_heads = [], np.full((batch, 2, 2), np.nan)
+    for b, view in enumerate(views):
+        m = view.matrix(input_size)
+        coords.append(grid_rc @ m[:, :2].T + m[:, 2])
+        inverse = np.linalg.inv(m[:, :2])
+        channels = SIDES[::-1] if view.flip else SIDES
+        for k, side in enumerate(SIDES):
+            view_heads[b, channels.index(side)] = inverse @ (heads[b, k] - m[:, 2])
+    rc = torch.from_numpy(np.stack(coords)).float()
+    grid = torch.stack([(2 * rc[..., 1] + 1) / width - 1, (2 * rc[..., 0] + 1) / height - 1], -1)
+    images = F.grid_sample(stored, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    known = torch.from_numpy(np.isfinite(view_heads).all(-1)).float()
+    centers = torch.from_numpy(np.nan_to_num(view_heads, nan=-1e4)).float()
+    axis = torch.arange(input_size, dtype=torch.float32)
+    dr = (axis[None, None, :] - centers[..., 0:1]) ** 2  # (batch, 2, n)
+    dc = (axis[None, None, :] - centers[..., 1:2]) ** 2
+    targets = torch.exp(-(dr[..., :, None] + dc[..., None, :]) / (2 * sigma_px**2))
+    return images, targets * known[..., None, None], known
+
+
+def _random_view(
+    rng: np.random.Generator, stored_size: int, content: tuple, heads: np.ndarray, input_size: int
+) -> tuple[str, View]:
+    """A random view of a stored image: its kind (``VIEW_KINDS``) and field."""
+    kinds, probabilities = zip(*VIEW_KINDS, strict=True)
+    kind = str(rng.choice(kinds, p=probabilities))
+    known = heads[np.isfinite(heads).all(-1)]
+    if kind == "hip" and not len(known):
+        kind = "anywhere"
+    (r0, c0), (nr, nc) = content
+    whole_scale = stored_size / input_size  # stored pixels per view pixel, whole image in view
+    angle = float(np.clip(rng.normal(0.0, math.radians(6)), -0.3, 0.3))
+    flip = bool(rng.random() < 0.5)
+    if kind == "whole" or kind == "negative":
+        scale = whole_scale * rng.uniform(0.85, 1.25)
+        center = (stored_size - 1) / 2 + rng.normal(0.0, 0.06 * stored_size, 2)
+    elif kind == "hip":
+        scale = whole_scale * rng.uniform(0.3, 0.75)
+        jitter = rng.uniform(-0.35, 0.35, 2) * scale * input_size
+        center = known[rng.integers(len(known))] + jitter
+    else:
+        scale = whole_scale * rng.uniform(0.3, 0.9)
+        center = np.array([r0 + rng.uniform(0, nr), c0 + rng.uniform(0, nc)])
+    return kind, View((float(center[0]), float(center[1])), float(scale), angle, flip)
+
+
+def synthetic_negative(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size) float32 image with no hip, normalised like a radiograph: smooth noise,
+    an intensity gradient, soft blobs and blurred bars (a chest's ribs, a hand's bones)."""
+    from scipy import ndimage
+
+    rows, cols = np.mgrid[0:size, 0:size] / size
+    img = np.zeros((size, size))
+    if rng.random() < 0.8:
+        coarse = rng.normal(size=(rng.integers(3, 20),) * 2)
+        img += ndimage.zoom(coarse, size / coarse.shape[0], order=1)[:size, :size]
+    if rng.random() < 0.6:
+        angle = rng.uniform(0, 2 * np.pi)
+        img += rng.uniform(1, 4) * (np.cos(angle) * rows + np.sin(angle) * cols)
+    for _ in range(rng.integers(0, 6)):
+        center, sigma = rng.uniform(0, 1, 2), rng.uniform(0.02, 0.2)
+        blob = np.exp(-((rows - center[0]) ** 2 + (cols - center[1]) ** 2) / (2 * sigma**2))
+        img += rng.uniform(-2, 3) * blob
+    for _ in range(rng.integers(0, 9)):
+        img += rng.uniform(0.5, 2.5) * _bar(rng, rows, cols)
+    img = ndimage.gaussian_filter(img, rng.uniform(0.3, 2.0))
+    img += rng.normal(0, rng.uniform(0.01, 0.2) * (img.std() + 1e-3), img.shape)
+    return normalise_intensity(img)
+
+
+def _bar(rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """A soft bar between two random points, of random width (fractions of the image)."""
+    a, b = rng.uniform(-0.1, 1.1, 2), rng.uniform(-0.1, 1.1, 2)
+    d = b - a
+    t = np.clip(((rows - a[0]) * d[0] + (cols - a[1]) * d[1]) / max(d @ d, 1e-6), 0, 1)
+    dist2 = (rows - a[0] - t * d[0]) ** 2 + (cols - a[1] - t * d[1]) ** 2
+    return np.exp(-dist2 / (2 * rng.uniform(0.005, 0.04) ** 2))
+
+
+def _photometric(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random exposure (contrast, brightness), gamma, blur and noise, per image."""
+    batch = images.shape[0]
+    x = images.clone()
+    for b in range(batch):
+        img = x[b, 0]
+        gamma = math.exp(rng.normal(0.0, 0.3))
+        img = torch.sign(img) * img.abs() ** gamma
+        img = img * rng.uniform(0.7, 1.3) + rng.uniform(-0.15, 0.15)
+        if rng.random() < 0.3:
+            img = _gaussian_blur(img, rng.uniform(0.3, 1.2))
+        noise = torch.from_numpy(rng.normal(0.0, rng.uniform(0.0, 0.06), img.shape)).float()
+        x[b, 0] = img + noise
+    return x
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    out = F.conv2d(img[None, None], k.view(1, 1, 1, -1), padding=(0, radius))
+    return F.conv2d(out, k.view(1, 1, -1, 1), padding=(radius, 0))[0, 0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+
+
+@dataclass
+class _Store:
+    """The training radiographs, preprocessed once at ``STORE_FACTOR`` x the input size."""
+
+    sharp: torch.Tensor  # (n, 1, S, S)
+    smooth: torch.Tensor  # (n, 1, S, S), anti-aliased for views that shrink the image
+    heads: np.ndarray  # (n, 2, 2) stored (row, col), NaN where unknown
+    content: list  # per image: ((row0, col0), (rows, cols)) of the radiograph in the store
+
+
+def _load_store(images: list[TrainingImage], size: int, progress: bool) -> _Store:
+    from scipy import ndimage
+    from tqdm import tqdm
+
+    from xbmd.io.xray import read_xray
+
+    sharp, heads, content = [], [], []
+    for item in tqdm(images, desc="localiser: reading", unit="image", disable=not progress):
+        try:
+            pixels = read_xray(item.xray).pixels
+        except XbmdError as exc:
+            warnings.warn(f"{item.xray}: cannot be read, skipped ({exc})", stacklevel=3)
+            continue
+        image, box = preprocess(pixels, size)
+        sharp.append(image)
+        heads.append(
+            [box.to_input(item.heads[s]) if item.heads[s] else (np.nan, np.nan) for s in SIDES]
+        )
+        content.append((box.pad_rc, box.resized_rc))
+    if not sharp:
+        raise InputError(f"none of the {len(images)} training radiographs could be read")
+    smooth = [ndimage.gaussian_filter(s, 0.6) for s in sharp]
+    as_tensor = lambda a: torch.from_numpy(np.stack(a))[:, None].float()  # noqa: E731
+    return _Store(as_tensor(sharp), as_tensor(smooth), np.array(heads, dtype=float), content)
+
+
+def _batch(
+    store: _Store, order: np.ndarray, rng: np.random.Generator, settings: LocaliserSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch (images, targets, known) of random views."""
+    n, size = settings.input_size, store.sharp.shape[-1]
+    stored, heads, views = [], [], []
+    for i in order:
+        kind, view = _random_view(rng, size, store.content[i], store.heads[i], n)
+        if kind == "negative":
+            image = torch.from_numpy(synthetic_negative(rng, size))[None]
+            stored.append(image)
+            heads.append(np.full((2, 2), ABSENT))
+        else:
+            shrinks = view.scale > 1.3  # anti-alias views that shrink the stored image
+            stored.append((store.smooth if shrinks else store.sharp)[i])
+            heads.append(store.heads[i])
+        views.append(view)
+    images, targets, known = render_views(
+        torch.stack(stored), np.array(heads), views, n, settings.sigma_px
+    )
+    return _photometric(images, rng), targets, known
+
+
+def heatmap_loss(pred: torch.Tensor, targets: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, target pixels weighted (1 + ``POSITIVE_WEIGHT`` x target), unknown
+    channels left out."""
+    weights = (1 + POSITIVE_WEIGHT * targets) * known[..., None, None]
+    pixels = pred.shape[-1] * pred.shape[-2]
+    return ((pred - targets) ** 2 * weights).sum() / (known.sum() * pixels).clamp(min=1)
+
+
+def train_localiser(
+    dataset: Path | list[Path], settings: LocaliserSettings, progress: bool = True
+) -> tuple[Localiser, dict]:
+    """Train a localiser on the radiographs of one or more ``xbmd prepare`` datasets.
+
+    Returns the model (eval mode) and the training report: 'epochs', 'steps', 'seconds',
+    'final_loss' (mean of the last epoch), 'n_images', 'datasets'. Deterministic for a seed (on
+    one machine and thread count).
+    """
+    datasets = [Path(dataset)] if isinstance(dataset, (str, Path)) else [Path(d) for d in dataset]
+    images = [image for d in datasets for image in localiser_training_set(d)]
+    model, report = fit_localiser(images, settings, progress)
+    report["datasets"] = [str(d) for d in datasets]
+    model.provenance = report
+    return model, report
+
+
+def fit_localiser(
+    images: list[TrainingImage], settings: LocaliserSettings, progress: bool = True
+) -> tuple[Localiser, dict]:
+    """Train a localiser on a list of radiographs (:func:`train_localiser` without datasets)."""
+    from tqdm import tqdm
+
+    if not images:
+        raise InputError("no training radiographs")
+    start = time.perf_counter()
+    store = _load_store(images, STORE_FACTOR * settings.input_size, progress)
+    load_seconds = time.perf_counter() - start
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    model = Localiser(settings)
+    model.train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+    total = settings.epochs * settings.steps_per_epoch
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / total))),
+    )
+    n_images = len(store.content)
+    queue: list[int] = []
+    losses: list[float] = []
+    bar = tqdm(total=total, desc="localiser: training", unit="step", disable=not progress)
+    for _ in range(total):
+        while len(queue) < settings.batch_size:  # every radiograph equally often
+            queue.extend(rng.permutation(n_images).tolist())
+        order, queue = np.array(queue[: settings.batch_size]), queue[settings.batch_size :]
+        images_b, targets, known = _batch(store, order, rng, settings)
+        loss = heatmap_loss(model(images_b), targets, known)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        losses.append(float(loss))
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    model.eval()
+    report = {
+        "epochs": settings.epochs,
+        "steps": total,
+        "seconds": round(time.perf_counter() - start, 2),
+        "load_seconds": round(load_seconds, 2),
+        "final_loss": float(np.mean(losses[-settings.steps_per_epoch :])),
+        "n_images": n_images,
+        "n_heads": int(np.isfinite(store.heads).all(-1).sum()),
+        "settings": asdict(settings),
+    }
+    model.provenance = report
+    return model, report
