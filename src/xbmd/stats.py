@@ -27,33 +27,29 @@ def pearson(x, y) -> dict:
     }
 
 
+def _mean_squares(ratings) -> tuple[int, int, float, float, float]:
+    """(n, k, MS rows, MS columns, MS error) of the two-way ANOVA of (n subjects, k raters)."""
+    y = np.asarray(ratings, dtype=float)
+    n, k = y.shape
+    grand = y.mean()
+    ss_rows = k * ((y.mean(axis=1) - grand) ** 2).sum()
+    ss_cols = n * ((y.mean(axis=0) - grand) ** 2).sum()
+    ss_err = ((y - grand) ** 2).sum() - ss_rows - ss_cols
+    return n, k, ss_rows / (n - 1), ss_cols / (k - 1), ss_err / ((n - 1) * (k - 1))
+
+
 def icc_a1(ratings) -> float:
     """ICC(2,1): two-way random effects, absolute agreement, single rater.
 
     ``ratings`` is (n subjects, k raters), e.g. column 0 the estimate and column 1 the reference.
     """
-    y = np.asarray(ratings, dtype=float)
-    n, k = y.shape
-    grand = y.mean()
-    ss_rows = k * ((y.mean(axis=1) - grand) ** 2).sum()
-    ss_cols = n * ((y.mean(axis=0) - grand) ** 2).sum()
-    ss_err = ((y - grand) ** 2).sum() - ss_rows - ss_cols
-    msr = ss_rows / (n - 1)
-    msc = ss_cols / (k - 1)
-    mse = ss_err / ((n - 1) * (k - 1))
+    n, k, msr, msc, mse = _mean_squares(ratings)
     return float((msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n))
 
 
 def icc_c1(ratings) -> float:
     """ICC(3,1): two-way mixed effects, consistency, single rater (ignores a constant bias)."""
-    y = np.asarray(ratings, dtype=float)
-    n, k = y.shape
-    grand = y.mean()
-    ss_rows = k * ((y.mean(axis=1) - grand) ** 2).sum()
-    ss_cols = n * ((y.mean(axis=0) - grand) ** 2).sum()
-    ss_err = ((y - grand) ** 2).sum() - ss_rows - ss_cols
-    msr = ss_rows / (n - 1)
-    mse = ss_err / ((n - 1) * (k - 1))
+    _, k, msr, _, mse = _mean_squares(ratings)
     return float((msr - mse) / (msr + (k - 1) * mse))
 
 
