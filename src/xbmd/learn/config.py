@@ -63,7 +63,7 @@ DEFAULTS: dict = {
             # L1 weight that keeps the decoder's proximal-femur DRR while the encoder is fine-tuned
             "keep_decomposition": 10.0,
         },
-        "loc": {"epochs": 60},
+        "loc": {"epochs": 30},
     },
     # a pixel of the predicted DRR belongs to the proximal-femur region when its mask prob > this
     "region_probability": 0.5,
