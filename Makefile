@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The bundled model on the sample X-rays (samples/samples.json); the PNG carries no pixel spacing.
 demo: $(STAMP)
-	$(BIN)/xbmd demo --out demo_out
+	$(BIN)/xbmd estimate samples/hip_vq0002.dcm samples/hip_vq0011.png --pixel-spacing 0.6 \
+		--out demo_out
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
