@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy import ndimage
 from typer.testing import CliRunner
 
 import xbmd.estimate as estimate_module
@@ -19,7 +20,6 @@ from xbmd.estimate import (
     PF_AREA_RANGE_MM2,
     Estimator,
     model_to_image,
-    resample_crop,
     warp_to_image,
 )
 from xbmd.geometry import PerspectiveGeometry
@@ -105,18 +105,26 @@ def _fake_heads(monkeypatch, heads: dict[str, tuple[float, float]], confidence: 
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
-def test_fast_crop_equals_the_crop_of_prepare(side):
-    """resample_crop gives HipCrop.resample's numbers: shutter, image edge and mirror included."""
+def test_windowed_crop_equals_filtering_the_whole_radiograph(side):
+    """HipCrop.resample filters only its window and takes a precomputed field mask: the numbers
+    of filtering the whole radiograph, shutter, image edge and mirror included."""
     rows, cols = 700, 900
     pixels = _pelvis(rows, cols).astype(np.float32)
     pixels[:, :60] = 0.0  # a collimator shutter at the image's minimum
     geometry = PerspectiveGeometry(1100, 950, (rows, cols), (0.3, 0.25))
     crop = hip_crop(geometry, (150.2, 90.7 if side == "right" else 820.4), side)
-    values, valid = crop.resample(pixels)
-    fast_values, fast_valid = resample_crop(crop, pixels, field_mask(pixels, FIELD_MARGIN_PX))
+    in_field = field_mask(pixels, FIELD_MARGIN_PX)
+    values, valid = crop.resample(pixels, in_field)
+    # reference: the anti-aliasing filter over the whole radiograph
+    sigma = np.maximum(0.0, (np.abs(np.diag(crop.crop_to_image[:, :2])) - 1.0) / 2.0)
+    grid = np.stack(np.mgrid[0:CROP_SIZE_PX, 0:CROP_SIZE_PX], axis=-1)
+    coords = np.moveaxis(crop.to_image(grid), -1, 0)
+    smooth = ndimage.gaussian_filter(pixels, sigma)
+    ref = ndimage.map_coordinates(smooth, coords, order=1, mode="nearest")
     assert 0.2 < valid.mean() < 0.9  # the crop is partly outside the image and the field
-    np.testing.assert_array_equal(fast_valid, valid)
-    np.testing.assert_allclose(fast_values, values, atol=1e-3)
+    np.testing.assert_array_equal(crop.resample(pixels)[1], valid)
+    np.testing.assert_allclose(values[valid], ref[valid], atol=1e-3)
+    assert np.all(values[~valid] == 0)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

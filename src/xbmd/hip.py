@@ -88,11 +88,20 @@ class HipCrop:
         """An image (..., rows, cols) rendered in ``geometry``, in canonical orientation."""
         return np.ascontiguousarray(image[..., ::-1]) if self.mirrored else image
 
-    def resample(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def resample(
+        self, pixels: np.ndarray, in_field: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """The radiograph's pixels on the crop grid, canonical orientation.
 
         Bilinear interpolation after a Gaussian anti-aliasing filter of sigma (f - 1) / 2
-        radiograph pixels when a crop pixel spans f > 1 of them (as scikit-image's rescale).
+        radiograph pixels when a crop pixel spans f > 1 of them (as scikit-image's rescale). The
+        filter runs on the crop's window of the radiograph only.
+
+        Parameters
+        ----------
+        pixels : the radiograph (rows, cols).
+        in_field : its collimated field, ``field_mask(pixels, FIELD_MARGIN_PX)``; computed when
+            not given (pass it to crop several hips of one radiograph without recomputing it).
 
         Returns
         -------
@@ -101,22 +110,32 @@ class HipCrop:
             and inside its collimated field (``xbmd.similarity.field_mask``).
         """
         img = np.asarray(pixels, dtype=np.float32)
+        if in_field is None:
+            in_field = field_mask(img, FIELD_MARGIN_PX)
         factors = np.abs(np.diag(self.crop_to_image[:, :2]))
         sigma = np.maximum(0.0, (factors - 1.0) / 2.0)
-        smooth = ndimage.gaussian_filter(img, sigma) if sigma.max() > 0 else img
         rows, cols = self.geometry.size_px
         grid = np.stack(np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij"), axis=-1)
         coords = np.moveaxis(self.to_image(grid), -1, 0)  # (2, rows, cols)
-        out = ndimage.map_coordinates(smooth, coords, order=1, mode="nearest")
         inside = (
             (coords[0] >= 0)
             & (coords[0] <= img.shape[0] - 1)
             & (coords[1] >= 0)
             & (coords[1] <= img.shape[1] - 1)
         )
-        in_field = field_mask(img, FIELD_MARGIN_PX).astype(np.float32)
+        if not inside.any():
+            return np.zeros((rows, cols), np.float32), inside
+        # the window: the crop's footprint plus the filter's radius (truncate 4) and bilinear's
+        pad = int(4.0 * sigma.max() + 0.5) + 2
+        lo = [max(0, int(np.floor(coords[k][inside].min())) - pad) for k in (0, 1)]
+        hi = [min(img.shape[k], int(np.ceil(coords[k][inside].max())) + pad + 1) for k in (0, 1)]
+        window = img[lo[0] : hi[0], lo[1] : hi[1]]
+        smooth = ndimage.gaussian_filter(window, sigma) if sigma.max() > 0 else window
+        local = coords - np.array(lo, dtype=float)[:, None, None]
+        out = ndimage.map_coordinates(smooth, local, order=1, mode="nearest")
+        field = np.asarray(in_field[lo[0] : hi[0], lo[1] : hi[1]], dtype=np.float32)
         # every radiograph pixel that enters the bilinear sample must be in the field
-        full = ndimage.map_coordinates(in_field, coords, order=1, mode="constant") > 0.999
+        full = ndimage.map_coordinates(field, local, order=1, mode="constant") > 0.999
         valid = inside & full
         return np.where(valid, out, np.float32(0)).astype(np.float32), valid
 

@@ -20,6 +20,7 @@ import torch
 from xbmd import __version__
 from xbmd.errors import InputError
 from xbmd.learn.data import model_input
+from xbmd.learn.module import region_bmd
 
 FORMAT = "xbmd-model"
 FORMAT_VERSION = 1
@@ -111,11 +112,12 @@ class ModelBundle:
             [model_input(x, v, self.image_size) for x, v in zip(xray, valid, strict=True)]
         )
         maps, pred = self.generator(torch.from_numpy(inputs))
-        drr = maps[:, 0].clamp_min(0).numpy().astype(np.float32)
-        prob = torch.sigmoid(maps[:, 1]).numpy().astype(np.float32)
+        drr_t = maps[:, 0].clamp_min(0)
+        prob_t = torch.sigmoid(maps[:, 1])
+        bmd = region_bmd(drr_t, prob_t > self.region_probability).numpy()
+        drr = drr_t.numpy().astype(np.float32)
+        prob = prob_t.numpy().astype(np.float32)
         region = prob > self.region_probability
-        counts = region.sum(axis=(1, 2))
-        bmd = np.where(counts > 0, (drr * region).sum(axis=(1, 2)) / np.maximum(counts, 1), np.nan)
         targets = {}
         for j, t in enumerate(self.targets):
             mean, sd = self.target_stats[t]

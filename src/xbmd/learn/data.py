@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from xbmd.errors import InputError
 from xbmd.hip import CROP_SIZE_PX, load_sample
+from xbmd.similarity import block_mean
 
 #: Normalised X-ray values are clipped to this range.
 CLIP = (-0.5, 1.5)
@@ -39,14 +40,6 @@ CLIP = (-0.5, 1.5)
 VALID_SHARE = 0.5
 #: DRR above this (g/cm2) is the region target of stage 1 (bone DRR).
 BONE_REGION_G_CM2 = 0.02
-
-
-def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
-    if factor == 1:
-        return image.astype(np.float32)
-    h, w = image.shape[-2:]
-    shaped = image.reshape(*image.shape[:-2], h // factor, factor, w // factor, factor)
-    return shaped.mean(axis=(-3, -1)).astype(np.float32)
 
 
 def normalise(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -67,16 +60,16 @@ def model_input(xray: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
             f"a hip crop must be {CROP_SIZE_PX} x {CROP_SIZE_PX}, not {xray.shape} / {valid.shape}"
         )
     factor = CROP_SIZE_PX // size
-    weight = _block_mean(valid.astype(np.float32), factor)
-    summed = _block_mean(np.where(valid, xray, 0.0).astype(np.float32), factor)
+    weight = block_mean(valid.astype(np.float32), factor)
+    summed = block_mean(np.where(valid, xray, 0.0).astype(np.float32), factor)
     ok = weight >= VALID_SHARE
     image = np.where(ok, summed / np.maximum(weight, 1e-6), 0.0)
     return np.stack([normalise(image, ok), ok.astype(np.float32)])
 
 
 def downsample_map(image: np.ndarray, size: int) -> np.ndarray:
-    """Area average of a (..., 256, 256) map (a DRR in g/cm2 keeps its units) to ``size``."""
-    return _block_mean(np.asarray(image, dtype=np.float32), image.shape[-1] // size)
+    """Area average of a (256, 256) map (a DRR in g/cm2 keeps its units) to ``size``."""
+    return block_mean(np.asarray(image, dtype=np.float32), image.shape[-1] // size)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class StageModule(L.LightningModule):
             if self.config["ablation"] == "direct"
             else self.config["stages"]["3"]["keep_decomposition"]
         )
-        (opt,) = (self.optimizers(),)
+        opt = self.optimizers()
         maps, pred = self.generator(x, decode=keep > 0)
         ok = torch.isfinite(labels)
         loss_reg = F.smooth_l1_loss(pred[ok], labels[ok]) if ok.any() else pred.sum() * 0
@@ -218,7 +218,7 @@ class StageModule(L.LightningModule):
         maps, pred = self.generator(x, decode=not (self.stage == "3" and direct))
         metrics = {}
         if maps is not None:
-            fake = maps[:, 0]
+            fake = maps[:, 0].clamp_min(0)  # as the bundle predicts
             metrics["val/l1"] = F.l1_loss(fake, drr)
             metrics["val/psnr_db"] = psnr(fake, drr).mean()
             if self.stage != "1":
