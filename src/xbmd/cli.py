@@ -14,6 +14,7 @@ from xbmd.commands import calibrate as _calibrate
 from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
 from xbmd.commands import estimate as _estimate
+from xbmd.commands import evaluate as _evaluate
 from xbmd.commands import prepare as _prepare
 from xbmd.commands import register as _register
 from xbmd.commands import synth as _synth
@@ -37,6 +38,7 @@ app.command("register", help=_register.HELP)(_register.main)
 app.command("prepare", help=_prepare.HELP)(_prepare.main)
 app.command("estimate", help=_estimate.HELP)(_estimate.main)
 app.command("train", help=_train.HELP)(_train.main)
+app.command("evaluate", help=_evaluate.HELP)(_evaluate.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 
 

@@ -1,10 +1,13 @@
-"""Agreement statistics: Pearson r with its CI, ICC, MAE, and multi-pose reproducibility.
+"""Agreement, diagnostic and reproducibility statistics of BMD estimates against references.
 
 Pearson r and its confidence interval come from scipy. The ICC is the two-way random-effects,
 absolute-agreement, single-measurement form ICC(2,1) of Shrout & Fleiss (1979), i.e. ICC(A,1) of
 McGraw & Wong (1996), computed from the two-way ANOVA mean squares (a few lines; scipy has no
 ICC and pingouin would pull pandas, statsmodels and seaborn for this one formula). It is tested
-against Shrout & Fleiss's published example.
+against Shrout & Fleiss's published example. Bland-Altman bias and 95 % limits of agreement are
+the mean difference +/- 1.96 SD of the differences (Bland & Altman 1986). ROC AUC is the
+Mann-Whitney U statistic (scipy) divided by n_pos x n_neg, tested against Hanley & McNeil's
+(1982) rating example (0.893).
 """
 
 from __future__ import annotations
@@ -96,3 +99,58 @@ def reproducibility(values, groups) -> dict:
         "rms_sd": rms_sd,
         "lsc": 2.77 * rms_sd,
     }
+
+
+def roc_auc(scores, positive) -> float:
+    """Area under the ROC curve of ``scores`` (higher = more likely positive) for ``positive``.
+
+    The probability that a random positive scores above a random negative, ties counting half
+    (Mann-Whitney U / (n_pos n_neg)). NaN when either class is empty.
+    """
+    s = np.asarray(scores, float)
+    y = np.asarray(positive, bool)
+    ok = np.isfinite(s)
+    s, y = s[ok], y[ok]
+    pos, neg = s[y], s[~y]
+    if pos.size == 0 or neg.size == 0:
+        return math.nan
+    u = stats.mannwhitneyu(pos, neg, alternative="two-sided").statistic
+    return float(u / (pos.size * neg.size))
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan
+
+
+def diagnostic(estimated_t, reference_t, threshold: float, inclusive: bool) -> dict:
+    """Detection of ``T <= threshold`` (``inclusive``) or ``T < threshold`` from estimated T-scores.
+
+    The truth is the reference's T-score; the test is the estimate's T-score against the same
+    threshold; the AUC ranks by the estimated T-score (lower = more likely positive). Returns n,
+    n_positive, auc, sensitivity, specificity and the confusion counts tp/fp/tn/fn.
+    """
+    e, r = np.asarray(estimated_t, float), np.asarray(reference_t, float)
+    ok = np.isfinite(e) & np.isfinite(r)
+    e, r = e[ok], r[ok]
+    truth = r <= threshold if inclusive else r < threshold
+    test = e <= threshold if inclusive else e < threshold
+    tp, fn = int((test & truth).sum()), int((~test & truth).sum())
+    fp, tn = int((test & ~truth).sum()), int((~test & ~truth).sum())
+    return {
+        "n": int(e.size),
+        "n_positive": int(truth.sum()),
+        "auc": roc_auc(-e, truth),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "confusion": {"tp": tp, "fp": fp, "tn": tn, "fn": fn},
+    }
+
+
+def confusion_matrix(reference_labels, estimated_labels, labels) -> list[list[int]]:
+    """Counts with rows = reference label, columns = estimated label, in the order ``labels``."""
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), dtype=int)
+    for ref, est in zip(reference_labels, estimated_labels, strict=True):
+        if ref in index and est in index:
+            matrix[index[ref], index[est]] += 1
+    return matrix.tolist()

@@ -232,7 +232,7 @@ def _renormalise(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
     """8-bit JPEG round trip of an image in [0, 1]."""
     buf = io.BytesIO()
     Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
@@ -298,7 +298,7 @@ def augment(
         chosen = torch.rand(b, generator=generator) < settings["jpeg_probability"]
         for i in torch.nonzero(chosen).flatten().tolist():
             quality = int(torch.randint(int(lo), int(hi) + 1, (1,), generator=generator))
-            jpeg = _jpeg(image[i].detach().cpu().numpy(), quality)
+            jpeg = jpeg_round_trip(image[i].detach().cpu().numpy(), quality)
             image[i] = torch.from_numpy(jpeg).to(dev)
     image = _renormalise(image, valid)
     return torch.stack([image, valid.float()], dim=1), out_maps
