@@ -38,11 +38,12 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_prepare.py --cohort bench_out/reg20 --workers 2
 
 # The bundled default model (src/xbmd/data/models/default.pt), from scratch on 2 CPU cores:
-# a 64-patient virtual cohort (seed 4000, never used for evaluation), known poses, configs/default.yaml.
+# a 64-patient virtual cohort with 4 radiographs each (seed 4000, never used for evaluation), known
+# poses, configs/default.yaml.
 model: $(STAMP)
-	$(BIN)/xbmd synth --out bench_out/train64 --cases 64 --seed 4000 --poses 2 --workers 2
-	$(BIN)/xbmd prepare bench_out/train64/manifest.csv --out bench_out/train64_ds --known-poses --workers 2
-	$(BIN)/xbmd train bench_out/train64_ds --out bench_out/run_default --config configs/default.yaml
+	$(BIN)/xbmd synth --out bench_out/train64p4 --cases 64 --seed 4000 --poses 4 --workers 2
+	$(BIN)/xbmd prepare bench_out/train64p4/manifest.csv --out bench_out/train64p4_ds --known-poses --workers 2
+	$(BIN)/xbmd train bench_out/train64p4_ds --out bench_out/run_default --config configs/default.yaml
 	cp bench_out/run_default/model.pt src/xbmd/data/models/default.pt
 
 # The bundled model's validation report (docs/validation/): a held-out virtual cohort (seed 7000,

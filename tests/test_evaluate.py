@@ -276,3 +276,21 @@ def _csv(path):
         "P1,right,0.8,0.82\nP1,right,0.81,0.82\nP2,left,0.6,0.55\nP3,left,0.9,0.95\n"
     )
     return path
+
+
+def test_a_direct_ablation_model_has_no_virtual_xray_section(dataset, tmp_path):
+    torch.manual_seed(0)
+    cfg = config.resolve(
+        {"image_size": SIZE, "generator": {"channels": [8, 16, 32]}, "ablation": "direct"}
+    )
+    path = write_bundle(
+        tmp_path / "direct.pt",
+        config=cfg,
+        generator_state=module.build_generator(cfg).state_dict(),
+        target_stats={"ct_abmd_g_cm2": [0.8, 0.15], "qct_vbmd_mg_cm3": [330.0, 60.0]},
+    )
+    m = evaluate(tmp_path / "r", model=path, dataset=dataset, robustness=[])
+    assert m["decomposition"] is None
+    assert "ablation 'direct'" in m["not_available"]["decomposition"]
+    assert "bmd_drr_g_cm2" not in {a["estimate"] for a in m["agreement"]}
+    assert {a["estimate"] for a in m["agreement"]} == {"ct_abmd_g_cm2", "qct_vbmd_mg_cm3"}

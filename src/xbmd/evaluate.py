@@ -196,6 +196,8 @@ def predict_dataset(
     from xbmd.learn.data import downsample_map, read_index
 
     bundle = load_bundle(model)
+    # a model of the `direct` ablation regresses the BMD only: its decoder was never trained
+    virtual = bundle.config.get("ablation", "none") != "direct"
     dataset = Path(dataset)
     index = read_index(dataset)
     size = bundle.image_size
@@ -232,7 +234,8 @@ def predict_dataset(
                 }
             )
             crops.append((a["xray"], a["valid"].astype(bool)))
-            estimates["bmd_drr_g_cm2"].append(pred.bmd_drr_g_cm2[i])
+            if virtual:
+                estimates["bmd_drr_g_cm2"].append(pred.bmd_drr_g_cm2[i])
             for name, values in pred.targets.items():
                 estimates[name].append(values[i])
             truth = a.get("pf_drr_g_cm2")
@@ -242,7 +245,7 @@ def predict_dataset(
                 "region": pred.pf_region[i],
                 "reference": None,
             }
-            if truth is not None:
+            if truth is not None and virtual:
                 truth = downsample_map(truth, size)
                 entry["reference"] = truth
                 for key, v in zip(
@@ -443,6 +446,8 @@ def diagnostic_section(samples: Samples, primary: tuple[str, str]) -> tuple[dict
 
 def decomposition_section(run: ModelRun) -> tuple[dict | None, str]:
     q = run.quality
+    if run.bundle.config.get("ablation", "none") == "direct":
+        return None, "the model (ablation 'direct') has no virtual X-ray"
     if not q or not np.isfinite(q["psnr_db"]).any():
         return None, "the dataset has no reference DRRs"
     s = run.samples
