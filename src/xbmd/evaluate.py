@@ -102,8 +102,8 @@ SETTINGS = {
 class Samples:
     """Estimates and references, one entry per hip image.
 
-    rows: the identifying columns (sample_id, patient_id, side, hip); estimates, references:
-    {name: (N,) float, NaN where missing}; sex: per row ('F'/'M'/'').
+    rows: the identifying columns (sample_id, patient_id, side, hip, sex, age_years); estimates,
+    references: {name: (N,) float, NaN where missing}; units: {name: 'g/cm2' or 'mg/cm3'}.
     """
 
     rows: list[dict]
