@@ -30,7 +30,7 @@ from functools import cache
 import numpy as np
 from scipy import ndimage
 
-from xbmd.calibration import (
+from xbmd.ct.calibration import (
     REFERENCE_TISSUES_MG_CM3,
     Phantom,
     Rod,
@@ -38,7 +38,7 @@ from xbmd.calibration import (
     phantomless_calibration,
     region_median_hu,
 )
-from xbmd.materials import (
+from xbmd.ct.materials import (
     ADIPOSE_2,
     ADIPOSE_3,
     AIR,
@@ -55,7 +55,7 @@ try:
 except ImportError:  # pragma: no cover - a hint, not a test
     sys.exit("needs xraydb: pip install -c constraints.txt -e '.[bench]'")
 
-# Mass fractions (%) of the materials: xbmd.materials (ICRU-44 / ICRU-46 tissues).
+# Mass fractions (%) of the materials: xbmd.ct.materials (ICRU-44 / ICRU-46 tissues).
 HA = HYDROXYAPATITE  # Ca10(PO4)6(OH)2
 DENSITY_G_CM3 = {
     "water": 1.0,
@@ -321,7 +321,8 @@ def main() -> None:
                 f"{kvp} kVp ({EFFECTIVE_KEV[kvp]:g} keV, HA slope {slope:.4f} mg/cm3 per HU): {row}"
             )
         print(
-            "matches xbmd.calibration.REFERENCE_TISSUES_MG_CM3:", table == REFERENCE_TISSUES_MG_CM3
+            "matches xbmd.ct.calibration.REFERENCE_TISSUES_MG_CM3:",
+            table == REFERENCE_TISSUES_MG_CM3,
         )
         return
     if table != REFERENCE_TISSUES_MG_CM3:

@@ -23,10 +23,10 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from xbmd.ct.phantoms import hip_test_ct
 from xbmd.drr import prepare_volume, render, volume_values
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.io.ct import volume_to_sitk
-from xbmd.phantoms import hip_test_ct
 from xbmd.volume import Volume
 
 SDD_MM, SOD_MM = 1100.0, 950.0

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xbmd.estimate import Estimator
+from xbmd.estimation.estimator import Estimator
 from xbmd.io.xray import read_xray
 
 ROOT = Path(__file__).resolve().parents[1]

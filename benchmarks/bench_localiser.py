@@ -31,15 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xbmd.geometry import SIDES
 from xbmd.io.xray import read_xray
-from xbmd.learn.localiser import (
-    SIDES,
+from xbmd.learn.localiser import TrainingImage, fit_localiser, localiser_training_set
+from xbmd.model.localiser import (
     LocaliserSettings,
-    TrainingImage,
-    fit_localiser,
     localiser_from_state,
     localiser_state,
-    localiser_training_set,
     locate_heads,
 )
 
@@ -265,7 +263,7 @@ def main() -> None:
         f"median {one['error_mm_median']:.2f}, max {one['error_mm_max']:.2f}"
     )
     for name, image in non_hip_images().items():
-        from xbmd.learn.localiser import localiser_heatmaps
+        from xbmd.model.localiser import localiser_heatmaps
 
         heat, _ = localiser_heatmaps(model, image)
         found = locate_heads(model, image)

@@ -1,6 +1,6 @@
 """`xbmd prepare` throughput on a virtual cohort, and what registration changes in the labels.
 
-Runs ``xbmd.prepare.prepare_dataset`` on a cohort's manifest (fresh output folders):
+Runs ``xbmd.dataset.prepare.prepare_dataset`` on a cohort's manifest (fresh output folders):
 
 - ``--mode known``: poses from the cohort's truth (``--known-poses``): crops, DRRs and labels only;
 - ``--mode registered``: every radiograph registered first (the real-data path);
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xbmd.manifest import read_manifest, write_manifest
-from xbmd.prepare import prepare_dataset
+from xbmd.dataset.manifest import read_manifest, write_manifest
+from xbmd.dataset.prepare import prepare_dataset
 
 
 def run(manifest: Path, out: Path, workers: int, known: bool) -> dict:

@@ -2,7 +2,7 @@
 
 For each radiograph of the cohort (``xbmd synth``), every body (pelvis, both femurs) starts from its
 true pose perturbed by up to 10 degrees about each axis, 20 mm in the detector plane and 50 mm
-along the beam (uniform), and is registered with ``xbmd.registration.register``. Reported per body:
+along the beam (uniform), and is registered with ``xbmd.registration.optimise.register``. Reported per body:
 
 - rotation error (degrees, angle of R_est R_true^T);
 - mean projected distance (mPD, mm at the detector) of its anatomical landmarks (femur: head centre,
@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xbmd.calibration import Calibration
+from xbmd.ct.calibration import Calibration
+from xbmd.ct.femur import SILHOUETTE_CHORD_MM, proximal_femur_mask
+from xbmd.ct.landmarks import read_landmarks
 from xbmd.drr import prepare_volume, render, volume_values
-from xbmd.femur import SILHOUETTE_CHORD_MM, proximal_femur_mask
 from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.io.xray import read_xray
-from xbmd.landmarks import read_landmarks
-from xbmd.registration import (
+from xbmd.registration.optimise import (
     RegistrationSettings,
     build_scene,
     projected_distance_mm,

@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 
-from xbmd.calibration import load_phantom, phantom_calibration, phantomless_calibration
-from xbmd.femur import measure_femur, neutral_projection
+from xbmd.ct.calibration import load_phantom, phantom_calibration, phantomless_calibration
+from xbmd.ct.femur import measure_femur, neutral_projection
+from xbmd.ct.landmarks import read_landmarks
 from xbmd.io.ct import read_ct, read_labels
-from xbmd.landmarks import read_landmarks
-from xbmd.synth.cohort import FEMUR_LABEL, SIDES, SynthSettings, generate_cohort
+from xbmd.synth.cohort import FEMUR_LABEL, SynthSettings, generate_cohort
 from xbmd.synth.contact_sheet import write_contact_sheet
+from xbmd.synth.model import DRAW_SIDES
 
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
 
@@ -52,7 +53,7 @@ def recompute(case_dir: Path, truth: dict) -> dict:
     out = {"method": cal.method, "rod_residuals_mg_cm3": list(cal.residuals_mg_cm3.values())}
     true_slope = truth["ct"]["true_calibration"]["slope_mg_cm3_per_hu"]
     out["slope_error_percent"] = 100 * (cal.slope_mg_cm3_per_hu / true_slope - 1)
-    for side in SIDES:
+    for side in DRAW_SIDES:
         bmd = measure_femur(density, labels, FEMUR_LABEL[side], landmarks[side])
         ref = truth["sides"][side]
         out[side] = {
@@ -70,7 +71,7 @@ def regions_figure(case_dir: Path, truth: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from xbmd.calibration import Calibration
+    from xbmd.ct.calibration import Calibration
 
     ct = read_ct(case_dir / truth["ct"]["file"])
     labels = read_labels(case_dir / truth["ct"]["labels"], ct)
@@ -147,11 +148,15 @@ def main() -> None:
             f"  {case_dir.name:<14} {r['method']:<12} {r['slope_error_percent']:>+8.2f}% "
             f"{rod_text}  "
             + " ".join(
-                f"{r[s][k]:>+7.2f}" for k in ("ct_abmd", "neck_abmd", "qct_vbmd") for s in SIDES
+                f"{r[s][k]:>+7.2f}"
+                for k in ("ct_abmd", "neck_abmd", "qct_vbmd")
+                for s in DRAW_SIDES
             )
         )
     for method in ("phantom", "phantomless"):
-        errs = [abs(r[s]["ct_abmd"]) for _, _, r in rows if r["method"] == method for s in SIDES]
+        errs = [
+            abs(r[s]["ct_abmd"]) for _, _, r in rows if r["method"] == method for s in DRAW_SIDES
+        ]
         if errs:
             print(
                 f"  {method}: |ct_abmd error| median {statistics.median(errs):.3f} %, "

@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import xraydb
 
-from xbmd.materials import ADIPOSE_3, HYDROXYAPATITE, LEAD, MUSCLE, WATER
+from xbmd.ct.materials import ADIPOSE_3, HYDROXYAPATITE, LEAD, MUSCLE, WATER
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "xbmd" / "data" / "attenuation.json"
 ENERGIES_KEV = np.arange(30.0, 100.01, 1.0)
 
-#: Mass fractions (%) per material (xbmd.materials, shared with benchmarks/bench_calibration.py).
+#: Mass fractions (%) per material (xbmd.ct.materials, shared with benchmarks/bench_calibration.py).
 COMPOSITIONS = {
     "water": WATER,
     "adipose": ADIPOSE_3,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from xbmd.calibration import (
+from xbmd.ct.calibration import (
     REFERENCE_TISSUES_MG_CM3,
     Calibration,
     Phantom,

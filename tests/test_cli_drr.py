@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from xbmd.calibration import Calibration
 from xbmd.cli import app
+from xbmd.ct.calibration import Calibration
 from xbmd.io.ct import write_volume
 from xbmd.volume import Volume
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from xbmd.calibration import load_phantom, phantom_calibration
+from xbmd.ct.calibration import load_phantom, phantom_calibration
+from xbmd.ct.phantoms import LABELS, hip_test_ct
 from xbmd.drr import prepare_volume, render
 from xbmd.geometry import ParallelGeometry
-from xbmd.phantoms import LABELS, hip_test_ct
 
 
 def femur_abmd(test, side):

@@ -13,21 +13,22 @@ from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
 
-import xbmd.estimate as estimate_module
+import xbmd.estimation.estimator as estimate_module
 from xbmd.cli import app
+from xbmd.dataset.hip import CROP_SIZE_PX, FIELD_MARGIN_PX, HEAD_POSITION, hip_crop
 from xbmd.errors import InputError
-from xbmd.estimate import (
+from xbmd.estimation.estimator import (
     PF_AREA_RANGE_MM2,
     Estimator,
     model_to_image,
     warp_to_image,
 )
 from xbmd.geometry import PerspectiveGeometry
-from xbmd.hip import CROP_SIZE_PX, FIELD_MARGIN_PX, HEAD_POSITION, hip_crop
 from xbmd.io.xray import write_xray_dicom, write_xray_png
-from xbmd.learn import config, module
-from xbmd.learn.bundle import Prediction, load_bundle, write_bundle
-from xbmd.learn.localiser import HeadDetection, Localiser, LocaliserSettings, localiser_state
+from xbmd.learn import config
+from xbmd.model.bundle import Prediction, load_bundle, write_bundle
+from xbmd.model.localiser import HeadDetection, Localiser, LocaliserSettings, localiser_state
+from xbmd.model.networks import build_generator
 from xbmd.similarity import field_mask
 from xbmd.tscore import t_score, who_category
 
@@ -49,7 +50,7 @@ def bundle_path(tmp_path_factory):
     return write_bundle(
         path,
         config=cfg,
-        generator_state=module.build_generator(cfg).state_dict(),
+        generator_state=build_generator(cfg).state_dict(),
         target_stats=TARGET_STATS,
         localiser=localiser_state(localiser),
     )

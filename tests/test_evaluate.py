@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from xbmd.cli import app
 from xbmd.errors import InputError
-from xbmd.evaluate import (
+from xbmd.evaluation.evaluate import (
     PERTURBATIONS,
     evaluate,
     perturb,
@@ -20,9 +20,10 @@ from xbmd.evaluate import (
     read_predictions,
     t_scores,
 )
-from xbmd.learn import config, module
-from xbmd.learn.bundle import write_bundle
-from xbmd.stats import agreement, reproducibility
+from xbmd.evaluation.stats import agreement, reproducibility
+from xbmd.learn import config
+from xbmd.model.bundle import write_bundle
+from xbmd.model.networks import build_generator
 from xbmd.tscore import t_score
 
 runner = CliRunner()
@@ -102,7 +103,7 @@ def model_path(tmp_path_factory):
     return write_bundle(
         tmp_path_factory.mktemp("model") / "model.pt",
         config=cfg,
-        generator_state=module.build_generator(cfg).state_dict(),
+        generator_state=build_generator(cfg).state_dict(),
         target_stats={"ct_abmd_g_cm2": [0.8, 0.15], "qct_vbmd_mg_cm3": [330.0, 60.0]},
     )
 
@@ -286,7 +287,7 @@ def test_a_direct_ablation_model_has_no_virtual_xray_section(dataset, tmp_path):
     path = write_bundle(
         tmp_path / "direct.pt",
         config=cfg,
-        generator_state=module.build_generator(cfg).state_dict(),
+        generator_state=build_generator(cfg).state_dict(),
         target_stats={"ct_abmd_g_cm2": [0.8, 0.15], "qct_vbmd_mg_cm3": [330.0, 60.0]},
     )
     m = evaluate(tmp_path / "r", model=path, dataset=dataset, robustness=[])

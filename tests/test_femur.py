@@ -1,4 +1,4 @@
-"""BMD measures of a femur (xbmd.femur) on an analytic femur of uniform density."""
+"""BMD measures of a femur (xbmd.ct.femur) on an analytic femur of uniform density."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from xbmd.errors import InputError
-from xbmd.femur import (
+from xbmd.ct.femur import (
     BELOW_LESSER_TROCHANTER_MM,
     measure_femur,
     neutral_projection,
     neutral_rotation,
     proximal_femur_mask,
 )
-from xbmd.landmarks import FemurLandmarks, read_landmarks, write_landmarks
+from xbmd.ct.landmarks import FemurLandmarks, read_landmarks, write_landmarks
+from xbmd.errors import InputError
 from xbmd.volume import Volume
 
 DENSITY = 400.0  # mg/cm3

@@ -12,25 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+from xbmd.dataset.hip import CROP_SIZE_PX, HEAD_POSITION, load_sample
+from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
-from xbmd.hip import CROP_SIZE_PX, HEAD_POSITION, load_sample
+from xbmd.geometry import SIDES
 from xbmd.io.xray import write_xray_png
-from xbmd.learn.localiser import (
-    SIDES,
+from xbmd.learn.localiser import View, localiser_training_set, render_views, train_localiser
+from xbmd.model.localiser import (
     LocaliserSettings,
-    View,
     heatmap_peak,
     letterbox,
     localiser_from_state,
     localiser_heatmaps,
     localiser_state,
-    localiser_training_set,
     locate_heads,
     preprocess,
-    render_views,
-    train_localiser,
 )
-from xbmd.prepare import prepare_dataset
 from xbmd.synth.cohort import SynthSettings, generate_cohort
 
 #: Small enough to learn the toy problem in seconds on one core.

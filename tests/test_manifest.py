@@ -1,4 +1,4 @@
-"""The case manifest (xbmd.manifest): round trip and clear errors."""
+"""The case manifest (xbmd.dataset.manifest): round trip and clear errors."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from xbmd.dataset.manifest import COLUMNS, ManifestCase, read_manifest, write_manifest
 from xbmd.errors import InputError
-from xbmd.manifest import COLUMNS, ManifestCase, read_manifest, write_manifest
 
 LABEL_MAP = {"pelvis_right": 1, "pelvis_left": 2, "femur_right": 3, "femur_left": 4}
 

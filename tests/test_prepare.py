@@ -11,12 +11,12 @@ import pytest
 from typer.testing import CliRunner
 
 from xbmd.cli import app
+from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, hip_crop, load_sample
+from xbmd.dataset.manifest import read_manifest, write_manifest
+from xbmd.dataset.prepare import INDEX_COLUMNS, prepare_dataset
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
-from xbmd.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, hip_crop, load_sample
-from xbmd.manifest import read_manifest, write_manifest
-from xbmd.prepare import INDEX_COLUMNS, prepare_dataset
-from xbmd.registration import RegistrationSettings
+from xbmd.registration.optimise import RegistrationSettings
 from xbmd.synth.cohort import SynthSettings, generate_cohort
 
 #: Coarse enough for seconds per case; the same code paths as the 1 mm default.

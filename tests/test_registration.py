@@ -11,13 +11,13 @@ import torch
 from typer.testing import CliRunner
 
 from xbmd.cli import app
+from xbmd.ct.landmarks import read_landmarks
 from xbmd.drr import prepare_volume, render
 from xbmd.errors import InputError
 from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.io.xray import read_xray
-from xbmd.landmarks import read_landmarks
-from xbmd.registration import (
+from xbmd.registration.optimise import (
     Registration,
     RegistrationSettings,
     build_scene,

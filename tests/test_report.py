@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xbmd.report import (
+from xbmd.evaluation.report import (
     GALLERY_MAX_PNG_BYTES,
     TooFewValuesError,
     bland_altman_plot,

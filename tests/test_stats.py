@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xbmd.stats import (
+from xbmd.evaluation.stats import (
     agreement,
     confusion_matrix,
     diagnostic,

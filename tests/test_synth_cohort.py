@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from xbmd.calibration import load_phantom, phantom_calibration
 from xbmd.cli import app
-from xbmd.femur import measure_femur
+from xbmd.ct.calibration import load_phantom, phantom_calibration
+from xbmd.ct.femur import measure_femur
+from xbmd.ct.landmarks import read_landmarks
+from xbmd.dataset.manifest import read_manifest
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.io.xray import read_xray
-from xbmd.landmarks import read_landmarks
-from xbmd.manifest import read_manifest
 from xbmd.synth import anatomy as anatomy_mod
 from xbmd.synth.cohort import FEMUR_LABEL, SynthSettings, generate_cohort
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from xbmd.calibration import load_phantom, phantom_calibration, phantomless_calibration
+from xbmd.ct.calibration import load_phantom, phantom_calibration, phantomless_calibration
 from xbmd.synth.model import Anatomy
 from xbmd.synth.scanner import (
     ROD_DENSITIES_MG_CM3,

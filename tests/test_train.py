@@ -16,18 +16,18 @@ import yaml
 from typer.testing import CliRunner
 
 from xbmd.cli import app
+from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.learn import config as cfg
-from xbmd.learn.bundle import load_bundle
-from xbmd.learn.data import augment, model_input, patient_split, read_index
-from xbmd.learn.module import build_generator, region_bmd
-from xbmd.learn.networks import (
-    Generator,
+from xbmd.learn.data import augment, patient_split, read_index
+from xbmd.learn.losses import (
     MultiScaleDiscriminator,
     feature_matching_loss,
     gradient_correlation_loss,
 )
-from xbmd.prepare import prepare_dataset
+from xbmd.model.bundle import load_bundle
+from xbmd.model.inputs import model_input, region_bmd
+from xbmd.model.networks import Generator, build_generator
 from xbmd.synth.cohort import SynthSettings, generate_cohort
 
 TINY = SynthSettings(ct_spacing_mm=3.0, xray_spacing_mm=1.6, poses=1, phantomless_fraction=0.0)
@@ -228,7 +228,7 @@ def test_train_stages_write_checkpoints_and_a_bundle(dataset, small_config_file,
     bundle = load_bundle(run / "model.pt")
     assert bundle.targets == ["ct_abmd_g_cm2", "qct_vbmd_mg_cm3"]
     rows = read_index(dataset)
-    from xbmd.hip import load_sample
+    from xbmd.dataset.hip import load_sample
 
     arrays, _ = load_sample(dataset / rows[0]["file"])
     pred = bundle.predict(arrays["xray"], arrays["valid"])
@@ -327,8 +327,8 @@ def test_bad_inputs_give_clear_errors(tmp_path):
 
 def test_end_to_end_prepare_train_estimate(dataset, small_config_file, tmp_path, monkeypatch):
     """prepare (fixture) -> train every stage a few steps, localiser included -> estimate."""
-    import xbmd.estimate as estimate_module
-    from xbmd.learn.localiser import HeadDetection
+    import xbmd.estimation.estimator as estimate_module
+    from xbmd.model.localiser import HeadDetection
 
     run = tmp_path / "e2e"
     args = ["train", str(dataset), "--out", str(run), "--config", str(small_config_file)]

@@ -5,6 +5,7 @@ Maps stay float32 in physical units everywhere else; 8-bit only happens here, fo
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +45,15 @@ def write_preview_png(
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
+    """An image in [0, 1] (rows, cols) after 8-bit JPEG compression at ``quality`` (float32)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
+        buf, format="JPEG", quality=int(quality)
+    )
+    buf.seek(0)
+    return np.asarray(Image.open(buf), dtype=np.float32) / 255.0

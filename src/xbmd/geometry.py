@@ -37,6 +37,9 @@ from scipy.spatial.transform import Rotation
 
 from xbmd.errors import GeometryError
 
+#: The patient's sides, right first: the canonical orientation of a hip crop (a left hip is
+#: mirrored to look like a right one) and the order of the localiser's heatmap channels.
+SIDES = ("right", "left")
 #: Extrinsic Euler order used everywhere (scipy lower-case = extrinsic).
 EULER_ORDER = "xyz"
 VIEWS = ("ap", "pa")
@@ -203,8 +206,8 @@ def femur_rotation_deg(
     flexion = -rx for both sides; abduction = +ry on the right, -ry on the left; internal rotation
     = +rz on the right, -rz on the left. For combined motions the extrinsic x-y-z order applies.
     """
-    if side not in ("left", "right"):
-        raise GeometryError(f"side must be 'left' or 'right', not {side!r}")
+    if side not in SIDES:
+        raise GeometryError(f"side must be 'right' or 'left', not {side!r}")
     sign = 1.0 if side == "right" else -1.0
     return (-flexion_deg, sign * abduction_deg, sign * internal_deg)
 

@@ -1,5 +1,5 @@
-"""Image similarity for 2D-3D registration: gradient correlation (GC) and normalised
-cross-correlation (NCC).
+"""Image similarity: gradient correlation (GC) and normalised cross-correlation (NCC) for 2D-3D
+registration, GC and PSNR of image pairs for training and evaluation.
 
 Both compare a batch of DRRs (B, H, W) with one radiograph (H, W) inside a mask, in PyTorch, so
 the registration can differentiate them with respect to the poses.
@@ -67,6 +67,27 @@ def similarity(
     fx, fy = sobel(fixed[None].to(moving.dtype))
     w = weight[1:-1, 1:-1]
     return 0.5 * (_ncc(mx, fx[0], w) + _ncc(my, fy[0], w))
+
+
+def paired_gradient_correlation(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Gradient correlation of each pair of images: the mean NCC of their Sobel x and y
+    gradients over the whole image. pred, target (B, H, W) -> (B,), in [-1, 1]."""
+
+    def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a = a.flatten(1) - a.flatten(1).mean(dim=1, keepdim=True)
+        b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)
+        return (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
+
+    px, py = sobel(pred)
+    tx, ty = sobel(target)
+    return 0.5 * (ncc(px, tx) + ncc(py, ty))
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """PSNR (dB) per image, data range = the target's maximum. (B, H, W) -> (B,)."""
+    mse = ((pred - target) ** 2).mean(dim=(1, 2)).clamp_min(1e-12)
+    peak = target.amax(dim=(1, 2)).clamp_min(1e-6)
+    return 10 * torch.log10(peak**2 / mse)
 
 
 def field_mask(pixels: np.ndarray, margin_px: int = FIELD_MARGIN_PX) -> np.ndarray:

@@ -50,7 +50,7 @@ def main(
     ] = False,
 ) -> None:
     with user_errors():
-        from xbmd import calibration
+        from xbmd.ct import calibration
         from xbmd.errors import InputError
         from xbmd.io.ct import read_ct, read_labels
 

@@ -20,7 +20,7 @@ def main(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for images and volumes."),
 ) -> None:
     with user_errors():
-        from xbmd.demo import run_demo
+        from xbmd.ct.demo import run_demo
 
         start = time.perf_counter()
         results = run_demo(out, log=typer.echo)

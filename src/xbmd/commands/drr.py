@@ -87,7 +87,7 @@ def main(
         vol = read_volume(volume, unit=unit)
         cal = None
         if calibration is not None:
-            from xbmd.calibration import Calibration
+            from xbmd.ct.calibration import Calibration
 
             cal = Calibration.from_json(calibration)
         lab = read_labels(labels, reference=vol) if labels is not None else None

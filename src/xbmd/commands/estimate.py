@@ -65,7 +65,7 @@ def main(
         from tqdm import tqdm
 
         from xbmd.errors import XbmdError
-        from xbmd.estimate import Estimator, summary_line, write_csv
+        from xbmd.estimation.estimator import Estimator, summary_line, write_csv
 
         estimator = Estimator(model, reference=reference.value)
         names = _folder_names(images)

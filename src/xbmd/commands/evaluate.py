@@ -61,7 +61,7 @@ def main(
         from tqdm import tqdm
 
         from xbmd.errors import InputError
-        from xbmd.evaluate import evaluate
+        from xbmd.evaluation.evaluate import evaluate
 
         if predictions is not None and (dataset is not None or model is not None):
             raise InputError("--predictions replaces --dataset and --model; give one or the other")

@@ -45,8 +45,8 @@ def main(
     with user_errors():
         import os
 
-        from xbmd.prepare import prepare_dataset
-        from xbmd.registration import RegistrationSettings
+        from xbmd.dataset.prepare import prepare_dataset
+        from xbmd.registration.optimise import RegistrationSettings
 
         summary = prepare_dataset(
             manifest,

@@ -63,19 +63,19 @@ def main(
     with user_errors():
         import time
 
-        from xbmd.calibration import Calibration
+        from xbmd.ct.calibration import Calibration
+        from xbmd.ct.landmarks import read_landmarks
+        from xbmd.dataset.manifest import parse_label_map
         from xbmd.io.ct import read_ct, read_labels
         from xbmd.io.xray import read_xray
-        from xbmd.landmarks import read_landmarks
-        from xbmd.manifest import parse_label_map
-        from xbmd.overlay import write_registration_overlay
-        from xbmd.registration import (
+        from xbmd.registration.optimise import (
             RegistrationSettings,
             build_scene,
             read_poses,
             register,
             xray_geometry,
         )
+        from xbmd.registration.overlay import write_registration_overlay
 
         t0 = time.perf_counter()
         volume = read_ct(ct)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from xbmd.commands._common import user_errors
+from xbmd.errors import InputError
 
 HELP = (
     "Train the decomposition network in three stages (1: X-ray -> hip-bone DRR; 2: -> "
@@ -40,7 +41,14 @@ def main(
 ) -> None:
     with user_errors():
         from xbmd.learn import config as cfg
-        from xbmd.learn.train import train
+
+        try:
+            from xbmd.learn.train import train
+        except ImportError as exc:
+            raise InputError(
+                f"training needs the 'train' extra ({exc.name} is missing): "
+                "pip install 'xbmd[train]'"
+            ) from None
 
         resolved = cfg.load_config(config)
         summary = train(

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from xbmd.errors import InputError
-from xbmd.learn.networks import BACKBONES
+from xbmd.model.networks import BACKBONES
 
 #: Regression targets stage 3 can learn: index.csv columns.
 TARGETS = (

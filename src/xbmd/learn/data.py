@@ -1,75 +1,34 @@
-"""Training data: a prepared dataset in memory, the model input, the patient split, augmentation.
-
-The model input is built by :func:`model_input` from a hip crop (``xbmd.hip``, 256 x 256 of
-0.75 detector mm) in training and in ``xbmd estimate`` alike:
-
-1. the crop and its valid mask are area-averaged to ``image_size`` (valid-weighted);
-2. the X-ray is normalised by its 1st and 99th percentiles inside the valid pixels (so exposure,
-   window and bit depth do not matter), clipped to [-0.5, 1.5], and set to 0 where not valid;
-3. channel 0 is that image, channel 1 the valid mask.
+"""Training data: a prepared dataset in memory at model resolution, the patient split,
+augmentation. The model input itself (:func:`xbmd.model.inputs.model_input`) is shared with
+inference.
 
 Augmentation (:func:`augment`) works on a batch in PyTorch: rotation, scale and translation
 applied identically to the input and to the DRR targets (areal density is resampled, not
 rescaled), then, on the input only, a smooth exposure ramp, gamma, blur, noise and JPEG
-compression, and the normalisation of step 2 again. It is written here rather than taken from
-MONAI's per-sample dictionary transforms because it acts on whole batches on the training device
-and needs JPEG, which MONAI lacks.
+compression, and the input's percentile normalisation again. It is written here rather than
+taken from MONAI's per-sample dictionary transforms because it acts on whole batches on the
+training device and needs JPEG, which MONAI lacks.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from xbmd.dataset.hip import load_sample
+from xbmd.display import jpeg_round_trip
 from xbmd.errors import InputError
-from xbmd.hip import CROP_SIZE_PX, load_sample
-from xbmd.similarity import block_mean
+from xbmd.model.inputs import CLIP, downsample_map, model_input
 
-#: Normalised X-ray values are clipped to this range.
-CLIP = (-0.5, 1.5)
-#: A crop pixel counts as valid at model resolution when this share of its block is valid.
-VALID_SHARE = 0.5
 #: DRR above this (g/cm2) is the region target of stage 1 (bone DRR).
 BONE_REGION_G_CM2 = 0.02
-
-
-def normalise(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Percentile normalisation inside ``valid`` (1st -> 0, 99th -> 1), clipped, 0 outside."""
-    values = image[valid]
-    if values.size < 16:
-        return np.zeros_like(image, dtype=np.float32)
-    lo, hi = np.percentile(values, [1.0, 99.0])
-    scale = hi - lo if hi > lo else 1.0
-    out = np.clip((image - lo) / scale, *CLIP)
-    return np.where(valid, out, 0.0).astype(np.float32)
-
-
-def model_input(xray: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
-    """(2, size, size) float32 model input from a hip crop (CROP_SIZE_PX square) and its mask."""
-    if xray.shape != (CROP_SIZE_PX, CROP_SIZE_PX) or valid.shape != xray.shape:
-        raise InputError(
-            f"a hip crop must be {CROP_SIZE_PX} x {CROP_SIZE_PX}, not {xray.shape} / {valid.shape}"
-        )
-    factor = CROP_SIZE_PX // size
-    weight = block_mean(valid.astype(np.float32), factor)
-    summed = block_mean(np.where(valid, xray, 0.0).astype(np.float32), factor)
-    ok = weight >= VALID_SHARE
-    image = np.where(ok, summed / np.maximum(weight, 1e-6), 0.0)
-    return np.stack([normalise(image, ok), ok.astype(np.float32)])
-
-
-def downsample_map(image: np.ndarray, size: int) -> np.ndarray:
-    """Area average of a (256, 256) map (a DRR in g/cm2 keeps its units) to ``size``."""
-    return block_mean(np.asarray(image, dtype=np.float32), image.shape[-1] // size)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,16 +189,6 @@ def _renormalise(image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         scale = hi - lo if hi > lo else torch.tensor(1.0)
         out[i] = torch.where(valid[i], ((image[i] - lo) / scale).clamp(*CLIP), 0.0)
     return out
-
-
-def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
-    """8-bit JPEG round trip of an image in [0, 1]."""
-    buf = io.BytesIO()
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(
-        buf, format="JPEG", quality=int(quality)
-    )
-    buf.seek(0)
-    return np.asarray(Image.open(buf), dtype=np.float32) / 255.0
 
 
 def augment(

@@ -18,39 +18,15 @@ from torch.nn import functional as F
 
 from xbmd import __version__
 from xbmd.learn.data import augment
-from xbmd.learn.networks import (
-    IN_CHANNELS,
-    Generator,
+from xbmd.learn.losses import (
     MultiScaleDiscriminator,
     adversarial_loss,
     feature_matching_loss,
     gradient_correlation_loss,
 )
-
-
-def build_generator(config: dict) -> Generator:
-    g = config["generator"]
-    return Generator(
-        g["backbone"],
-        g["channels"],
-        g["res_units"],
-        n_targets=len(config["stages"]["3"]["targets"]),
-    )
-
-
-def region_bmd(drr: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """Mean DRR inside the region per image (NaN where the region is empty). (B, H, W) -> (B,)."""
-    region = region.to(drr.dtype)
-    n = region.sum(dim=(1, 2))
-    mean = (drr * region).sum(dim=(1, 2)) / n.clamp_min(1)
-    return torch.where(n > 0, mean, torch.full_like(mean, float("nan")))
-
-
-def psnr(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """PSNR (dB) per image, data range = the target's maximum. (B, H, W) -> (B,)."""
-    mse = ((pred - target) ** 2).mean(dim=(1, 2)).clamp_min(1e-12)
-    peak = target.amax(dim=(1, 2)).clamp_min(1e-6)
-    return 10 * torch.log10(peak**2 / mse)
+from xbmd.model.inputs import region_bmd
+from xbmd.model.networks import IN_CHANNELS, build_generator
+from xbmd.similarity import psnr
 
 
 class StageModule(L.LightningModule):

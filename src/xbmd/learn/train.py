@@ -34,9 +34,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from xbmd import __version__
 from xbmd.errors import InputError
 from xbmd.learn import config as cfg
-from xbmd.learn.bundle import write_bundle
 from xbmd.learn.data import StageDataset, load_training_data, patient_split, target_stats
 from xbmd.learn.module import StageModule
+from xbmd.model.bundle import write_bundle
 
 log = logging.getLogger(__name__)
 STAGE_DIRS = {"1": "stage1", "2": "stage2", "3": "stage3"}
@@ -247,7 +247,8 @@ def _run_stage(
 
 
 def _train_localiser(dataset, config: dict, out: Path, progress: bool) -> dict:
-    from xbmd.learn.localiser import LocaliserSettings, localiser_state, train_localiser
+    from xbmd.learn.localiser import train_localiser
+    from xbmd.model.localiser import LocaliserSettings, localiser_state
 
     path = out / "localiser.pt"
     if path.is_file():

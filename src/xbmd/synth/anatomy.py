@@ -25,14 +25,13 @@ import itertools
 
 import numpy as np
 
+from xbmd.ct.landmarks import FemurLandmarks
 from xbmd.errors import InputError
 from xbmd.geometry import RigidTransform, femur_rotation_deg
-from xbmd.landmarks import FemurLandmarks
 from xbmd.synth import sdf
-from xbmd.synth.model import BONE_LABELS, Anatomy, Patient
+from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient
 from xbmd.synth.sdf import F32, Field, Frame, Grid
 
-SIDES = ("left", "right")
 #: +1 for the patient's left (+x in LPS), -1 for the right.
 SIDE_SIGN = {"left": 1.0, "right": -1.0}
 #: Soft-tissue HU (without mineral) of the generator's materials.
@@ -76,7 +75,7 @@ def sample_shape(patient: Patient, rng: np.random.Generator) -> dict:
     size = (patient.height_cm / (162.0 if female else 176.0)) ** 0.9 * np.exp(rng.normal(0, 0.03))
     levels = _density_levels(patient, rng)
     femur_mean = _femur_means(rng, female, size, levels)
-    femur = {side: _femur_side(rng, femur_mean) for side in SIDES}
+    femur = {side: _femur_side(rng, femur_mean) for side in DRAW_SIDES}
     return {
         "version": SHAPE_VERSION,
         "sex": patient.sex,
@@ -522,7 +521,9 @@ class PelvisModel:
     def __init__(self, shape: dict, pv_mm: float) -> None:
         self.p, self.g, self.step = shape["pelvis"], shape["size"], max(min(pv_mm, 2.0), 0.5)
         self.hx = 0.5 * self.p["head_separation_mm"]
-        self.rc = {s: shape["femur"][s]["head_radius_mm"] + self.p["joint_space_mm"] for s in SIDES}
+        self.rc = {
+            s: shape["femur"][s]["head_radius_mm"] + self.p["joint_space_mm"] for s in DRAW_SIDES
+        }
         rot = RigidTransform(
             rotation_deg=(self.p["tilt_deg"], self.p["obliquity_deg"], self.p["rotation_deg"])
         ).rotation_matrix
@@ -534,7 +535,7 @@ class PelvisModel:
 
     def primitives(self) -> list[tuple]:
         prims = []
-        for side in SIDES:
+        for side in DRAW_SIDES:
             for fn, lo, hi, op, k in self._hemipelvis(self.rc[side]):
                 if side == "right":
                     fn, (lo, hi) = _mirror(fn), _mirror_box(lo, hi)
@@ -543,7 +544,7 @@ class PelvisModel:
         slab = (lambda u, v, w: F32(0.5 * gap) - np.abs(u), [-gap, -80, -80], [gap, -10, 0])
         prims.append((*slab, "subtract", 0.0))
         prims += self._sacrum_and_spine()
-        for side in SIDES:
+        for side in DRAW_SIDES:
             c = np.array([SIDE_SIGN[side] * self.hx, 0.0, 0.0])
             r = self.rc[side]
             prims.append(
@@ -829,7 +830,7 @@ def pelvis_voxels(model: PelvisModel, field: Field, pv_mm: float, dens: dict, ti
     depth = -bv.d
     roof = np.zeros_like(depth)
     near_cup = np.zeros_like(depth)
-    for side in SIDES:
+    for side in DRAW_SIDES:
         dx = x - F32(SIDE_SIGN[side] * model.hx)
         r = np.sqrt(dx * dx + y * y + z * z) + F32(1e-3)
         rc = model.rc[side]
@@ -1178,7 +1179,7 @@ def soft_tissue_hu(grid: Grid, body: BodyModel, pelvis: PelvisModel, pfield: Fie
     _abdomen(content, inner_c, cgrid, factor, pelvis, pfield, shape, rng)
     _pelvic_contents(content, cgrid, factor, pelvis, pfield, shape)
     np.copyto(hu, _upsample_linear(content, factor, grid.shape), where=inner < -3.0)
-    for side in SIDES:
+    for side in DRAW_SIDES:
         c, r = np.array([SIDE_SIGN[side] * pelvis.hx, 0, 0]), pelvis.rc[side] + 1.0
         sl, uvw = _region(grid, pelvis.frame, c - r, c + r)
         if sl is not None:
@@ -1228,7 +1229,7 @@ def _textures(rng: np.random.Generator, pv_mm: float, femurs: dict):
         return lambda u, v, w: sdf.tile_lookup(tile, pv_mm, u, v, w)
 
     fem = {}
-    for side in SIDES:
+    for side in DRAW_SIDES:
         along_shaft = sdf.oriented_noise(rng, pv_mm, [1.0, 0.0, 0.0])
         along_neck = sdf.oriented_noise(rng, pv_mm, femurs[side].n)
         fem[side] = (lookup(along_shaft), lookup(along_neck))
@@ -1268,13 +1269,13 @@ def build_anatomy(
     pv = float(h.mean())
     margin = max(3.0, 1.5 * float(h.max()))
     pelvis = PelvisModel(shape, pv)
-    femurs = {s: FemurModel(s, shape["femur"][s], pelvis.head_centre(s)) for s in SIDES}
+    femurs = {s: FemurModel(s, shape["femur"][s], pelvis.head_centre(s)) for s in DRAW_SIDES}
     body = BodyModel(shape, pelvis, femurs)
     grid = _make_grid(h, body, pelvis, femurs)
     fem_tiles, pelvis_tile = _textures(rng, pv, femurs)
     pfield = build_field(grid, pelvis.frame, pelvis.primitives(), margin)
     bones = []
-    for side in SIDES:
+    for side in DRAW_SIDES:
         f = femurs[side]
         field = build_field(grid, f.frame, f.primitives(), margin)
         carve_joint(pfield, field, shape["pelvis"]["joint_space_mm"])
@@ -1287,7 +1288,7 @@ def build_anatomy(
     affine = np.eye(4)
     affine[:3, :3] = np.diag(h)
     affine[:3, 3] = grid.origin_mm
-    landmarks = {s: femurs[s].landmarks() for s in SIDES}
+    landmarks = {s: femurs[s].landmarks() for s in DRAW_SIDES}
     centre = 0.5 * (landmarks["left"].head_center_mm + landmarks["right"].head_center_mm)
     meta = dict(shape)
     meta["generator"] = {

@@ -5,10 +5,10 @@ Per case (docs/data-format.md, "Virtual cohort"):
     DIR/cases/<case_id>/ct.nii.gz        CT in HU (int16)
                        labels.nii.gz    bones 1-4, phantom rods 101-105
                        phantom.json     rod densities (cases with a phantom)
-                       landmarks.json   femur landmarks (xbmd.landmarks)
+                       landmarks.json   femur landmarks (xbmd.ct.landmarks)
                        xray_NN.dcm/.png AP radiographs (DICOM DX and 16-bit PNG)
                        truth.json       patient, per-side BMD truth, scanner, per X-ray poses
-    DIR/manifest.csv   one row per case (xbmd.manifest)
+    DIR/manifest.csv   one row per case (xbmd.dataset.manifest)
     DIR/dxa.csv        simulated DXA results (truth + precision noise), as a hospital has them
     DIR/cohort.json    seed, settings, version, failures
 
@@ -32,16 +32,16 @@ import numpy as np
 from scipy import ndimage
 
 from xbmd import __version__
-from xbmd.calibration import Calibration
+from xbmd.ct.calibration import Calibration
+from xbmd.ct.femur import measure_femur, neutral_projection
+from xbmd.ct.landmarks import write_landmarks
+from xbmd.dataset.manifest import ManifestCase, read_manifest, write_manifest
 from xbmd.errors import InputError
-from xbmd.femur import measure_femur, neutral_projection
 from xbmd.io.ct import write_volume
 from xbmd.io.xray import write_xray_dicom, write_xray_png
-from xbmd.landmarks import write_landmarks
-from xbmd.manifest import ManifestCase, read_manifest, write_manifest
 from xbmd.synth import anatomy as anatomy_mod
 from xbmd.synth import radiograph
-from xbmd.synth.model import BONE_LABELS, Anatomy, Patient
+from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient
 from xbmd.synth.population import sample_patients
 from xbmd.synth.scanner import (
     ROD_DENSITIES_MG_CM3,
@@ -55,7 +55,6 @@ from xbmd.synth.xray_scene import sample_motions as sample_xray_motions
 from xbmd.tscore import t_score, who_category
 from xbmd.volume import Volume, bounding_box, box_affine
 
-SIDES = ("left", "right")
 FEMUR_LABEL = {"right": BONE_LABELS["femur_right"], "left": BONE_LABELS["femur_left"]}
 
 
@@ -108,7 +107,7 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
     sigma = scanner.psf_sigma_mm / spacing
     margin = int(np.ceil(4 * sigma.max())) + 2
     scales = {}
-    for side in SIDES:
+    for side in DRAW_SIDES:
         label = FEMUR_LABEL[side]
         box = bounding_box(anatomy.labels == label, margin)
         if box is None:
@@ -126,7 +125,7 @@ def scale_mineral_to_targets(anatomy: Anatomy, patient: Patient, scanner: Scanne
         )
         target = patient.total_hip_abmd_g_cm2[side]
         scales[side] = float(np.clip((target - a_rest) / a_min, 0.3, 3.0))
-    scales["pelvis"] = float(np.mean([scales[s] for s in SIDES]))
+    scales["pelvis"] = float(np.mean([scales[s] for s in DRAW_SIDES]))
     factor = np.ones(256, np.float32)
     for name, ident in BONE_LABELS.items():
         factor[ident] = scales[name.split("_")[1]] if name.startswith("femur") else scales["pelvis"]
@@ -170,7 +169,7 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
     )
     density = true_line.apply(result.ct)
     sides = {}
-    for side in SIDES:
+    for side in DRAW_SIDES:
         bmd = measure_femur(density, result.labels, FEMUR_LABEL[side], anatomy.landmarks[side])
         sides[side] = bmd.to_dict() | {
             "target_abmd_g_cm2": round(patient.total_hip_abmd_g_cm2[side], 6),
@@ -193,7 +192,7 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
             "seed": patient.seed,
         },
         "sides": sides,
-        "definitions": "docs/bmd-definitions.md (xbmd.femur)",
+        "definitions": "docs/bmd-definitions.md (xbmd.ct.femur)",
         "ct": {
             "file": "ct.nii.gz",
             "labels": "labels.nii.gz",
@@ -325,7 +324,7 @@ def _simulated_dxa(truth: dict, precision: float, seed: int) -> dict:
     """DXA results: truth times (1 + N(0, precision)), one draw per value, from the case seed."""
     rng = np.random.default_rng([seed, 2024])
     out = {}
-    for side in SIDES:
+    for side in DRAW_SIDES:
         s = truth["sides"][side]
         out[f"dxa_total_hip_{side}_g_cm2"] = s["ct_abmd_g_cm2"] * (1 + rng.normal(0, precision))
         out[f"dxa_neck_{side}_g_cm2"] = s["neck_abmd_g_cm2"] * (1 + rng.normal(0, precision))
@@ -365,7 +364,7 @@ def _run_case_here(patient: Patient, settings: SynthSettings, out: Path) -> Case
         tmp.rename(final)
     dxa = _simulated_dxa(truth, settings.dxa_precision, patient.seed)
     rows = []
-    for side in SIDES:
+    for side in DRAW_SIDES:
         th = dxa[f"dxa_total_hip_{side}_g_cm2"]
         t = t_score(th, "total_hip", patient.sex)
         rows.append(

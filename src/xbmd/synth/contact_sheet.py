@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from xbmd.calibration import Calibration
+from xbmd.ct.calibration import Calibration
 from xbmd.drr import prepare_volume, render
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.io.ct import read_ct, read_labels

@@ -9,9 +9,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xbmd.landmarks import FemurLandmarks
+from xbmd.ct.landmarks import FemurLandmarks
+from xbmd.geometry import SIDES
 
-#: Bone label ids of the virtual cohort (same ids as ``xbmd.phantoms.LABELS``).
+#: Bone label ids of the virtual cohort (same ids as ``xbmd.ct.phantoms.LABELS``).
+#: The order of every per-side seeded draw of the virtual cohort: left first, as since the first
+#: cohorts (changing it would change every cohort and every figure made from one).
+DRAW_SIDES = SIDES[::-1]
 BONE_LABELS = {"pelvis_right": 1, "pelvis_left": 2, "femur_right": 3, "femur_left": 4}
 
 

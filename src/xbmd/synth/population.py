@@ -30,10 +30,9 @@ import numpy as np
 from scipy.special import ndtr, ndtri
 
 from xbmd.errors import InputError
-from xbmd.synth.model import Patient
+from xbmd.synth.model import DRAW_SIDES, Patient
 from xbmd.tscore import MIN_AGE_YEARS, age_matched_mean_sd
 
-SIDES = ("left", "right")
 #: Mean height at 50 y, cm, and loss per decade after 50, cm (NHANES anthropometry of US
 #: adults, rounded; unverified figures).
 HEIGHT_AT_50_CM = {"F": 162.5, "M": 176.0}
@@ -103,7 +102,7 @@ def _sample_one(
     side_z = {"left": bone_z + half_difference_z, "right": bone_z - half_difference_z}
     abmd = {side: float(np.clip(mean + z * sd, *ABMD_LIMITS_G_CM2)) for side, z in side_z.items()}
     # Recomputed from the (rarely) clipped values so that bone_z always matches the targets.
-    bone_z = float(np.mean([(abmd[side] - mean) / sd for side in SIDES]))
+    bone_z = float(np.mean([(abmd[side] - mean) / sd for side in DRAW_SIDES]))
     return Patient(
         patient_id=f"VQ{index + 1:04d}",
         age_years=age_years,

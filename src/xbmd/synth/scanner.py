@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
-from xbmd.calibration import REFERENCE_TISSUES_MG_CM3
+from xbmd.ct.calibration import REFERENCE_TISSUES_MG_CM3
 from xbmd.synth.model import Anatomy
 from xbmd.volume import Volume
 

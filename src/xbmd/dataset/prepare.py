@@ -9,7 +9,7 @@ For every radiograph of every case and both hips, a sample holds (docs/data-form
 - DRRs of the calibrated CT rendered in exactly that crop's rays with the bones' poses in that
   radiograph (registered, or known): the bones of the hip (g/cm2), the proximal femur (g/cm2),
   and the proximal-femur region mask;
-- the labels measured on the CT (``xbmd.femur.measure_femur``), the DRR's mean areal density in
+- the labels measured on the CT (``xbmd.ct.femur.measure_femur``), the DRR's mean areal density in
   the proximal-femur region (``bmd_drr_g_cm2``), DXA when the manifest has it;
 - everything needed to go back to the radiograph: the crop -> image affine, the mirror flag, the
   crop's geometry, the poses.
@@ -40,30 +40,29 @@ import numpy as np
 import torch
 
 from xbmd import __version__, units
-from xbmd.calibration import (
+from xbmd.ct.calibration import (
     Calibration,
     load_phantom,
     phantom_calibration,
     phantomless_calibration,
 )
-from xbmd.drr import volume_values
-from xbmd.errors import GeometryError, InputError, XbmdError
-from xbmd.femur import SILHOUETTE_CHORD_MM, measure_femur
-from xbmd.geometry import BodyPose, PerspectiveGeometry, rounded
-from xbmd.hip import (
+from xbmd.ct.femur import SILHOUETTE_CHORD_MM, measure_femur
+from xbmd.ct.landmarks import FemurLandmarks, read_landmarks
+from xbmd.dataset.hip import (
     CROP_PIXEL_MM,
     CROP_SIZE_PX,
     HEAD_POSITION,
-    SIDES,
     HipBodies,
     hip_bodies,
     make_sample,
 )
+from xbmd.dataset.manifest import ManifestCase, read_manifest
+from xbmd.drr import volume_values
+from xbmd.errors import GeometryError, InputError, XbmdError
+from xbmd.geometry import SIDES, BodyPose, PerspectiveGeometry, rounded
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.io.xray import read_xray
-from xbmd.landmarks import FemurLandmarks, read_landmarks
-from xbmd.manifest import ManifestCase, read_manifest
-from xbmd.registration import (
+from xbmd.registration.optimise import (
     RegistrationSettings,
     build_scene,
     read_poses,
@@ -132,7 +131,7 @@ def calibrate_case(case: ManifestCase, ct: Volume, labels: Volume) -> Calibratio
 def side_labels(
     density: Volume, labels: Volume, label_map: dict[str, int], landmarks: FemurLandmarks
 ) -> dict:
-    """The CT labels of one femur (``xbmd.femur.FemurBmd`` as a dict: g/cm2, mg/cm3, cm2, cm3)."""
+    """The CT labels of one femur (``xbmd.ct.femur.FemurBmd`` as a dict: g/cm2, mg/cm3, cm2, cm3)."""
     side = landmarks.side
     bone = f"femur_{side}"
     if bone not in label_map:
@@ -719,7 +718,7 @@ def prepare_dataset(
 
     Parameters
     ----------
-    manifest_path : the case manifest (``xbmd.manifest``, docs/data-format.md).
+    manifest_path : the case manifest (``xbmd.dataset.manifest``, docs/data-format.md).
     out_dir : the dataset folder: new, or one to resume (made with the same settings).
     workers : cases prepared in parallel (processes; each gets cpu_count // workers threads).
     use_known_poses : take the poses from each case's ``known_poses`` file instead of registering.

@@ -19,11 +19,11 @@ import torch
 from scipy import ndimage
 
 from xbmd import units
+from xbmd.ct.femur import SILHOUETTE_CHORD_MM, proximal_femur_mask
+from xbmd.ct.landmarks import FemurLandmarks
 from xbmd.drr import RenderVolume, prepare_volume, render
 from xbmd.errors import GeometryError, InputError
-from xbmd.femur import SILHOUETTE_CHORD_MM, proximal_femur_mask
-from xbmd.geometry import BodyPose, PerspectiveGeometry, rounded
-from xbmd.landmarks import FemurLandmarks
+from xbmd.geometry import SIDES, BodyPose, PerspectiveGeometry, rounded
 from xbmd.similarity import field_mask
 from xbmd.volume import Volume
 
@@ -33,8 +33,6 @@ CROP_SIZE_PX = 256
 CROP_PIXEL_MM = 0.75
 #: Where the projected femoral head centre lies in the crop, as fractions of its size (row, col).
 HEAD_POSITION = (0.40, 0.50)
-#: Right first: the canonical orientation (a left hip is mirrored to look like a right one).
-SIDES = ("right", "left")
 #: A sample whose proximal-femur region lies less than this much inside the radiograph's field is
 #: refused. Partly cut hips (a collimated greater trochanter) are kept: the share is in the index.
 MIN_VALID_PF_FRACTION = 0.5
@@ -215,7 +213,7 @@ class HipBodies:
 
     hemipelvis : the pelvis label of this side, moved by the pelvis pose.
     femur : the femur label, moved by the femur pose.
-    proximal_femur : the femur voxels of ``xbmd.femur.proximal_femur_mask``.
+    proximal_femur : the femur voxels of ``xbmd.ct.femur.proximal_femur_mask``.
     proximal_femur_chord : 1 mg/cm3 in those voxels: its DRR / 1e-4 is the chord length (mm).
     landmarks : this femur's landmarks (CT world, LPS mm).
     """
@@ -270,7 +268,7 @@ def render_hip(
         ``bone_drr_g_cm2`` float32: hemipelvis (pelvis pose) + femur (femur pose), g/cm2;
         ``pf_drr_g_cm2`` float32: the proximal femur alone, g/cm2, zero outside ``pf_mask``;
         ``pf_mask`` bool: pixels whose ray crosses more than ``SILHOUETTE_CHORD_MM`` of the
-        proximal femur (the region of ``bmd_drr_g_cm2``, as the silhouette of xbmd.femur).
+        proximal femur (the region of ``bmd_drr_g_cm2``, as the silhouette of xbmd.ct.femur).
     """
     femur = _vector(femur_pose, bodies.femur)
     with torch.no_grad():

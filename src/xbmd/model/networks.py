@@ -1,31 +1,23 @@
-"""The networks of hierarchical learning: generator (with regression head), discriminator, losses.
+"""The generator of hierarchical learning (with its regression head): what inference runs.
 
 - :class:`Generator`: an encoder-decoder from the model input (normalised X-ray crop + valid
   mask, 2 channels) to 2 channels: the DRR in g/cm2 (linear output) and the logit of the DRR's
   region. Its encoder's deepest features also feed :class:`RegressionHead` (stage 3). The backbone
-  is pluggable: ``'unet'`` (default, built here from MONAI blocks, small enough to train on two CPU
-  cores) or any MONAI ``FlexibleUNet`` encoder (``'resnet18'``, ``'resnet34'``,
-  ``'efficientnet-b0'``, ..., for a GPU).
-- :class:`MultiScaleDiscriminator`: pix2pixHD's multi-scale PatchGAN, i.e. MONAI
-  ``PatchDiscriminator`` s applied to the (X-ray, DRR) pair at full and average-pooled scales
-  (MONAI's own ``MultiScalePatchDiscriminator`` deepens each scale instead of pooling the input,
-  which is 45 M parameters at 3 layers and not the published design).
-- Losses: LSGAN through MONAI's ``PatchAdversarialLoss``; discriminator feature matching (L1
-  between the discriminator's intermediate features of real and fake, as pix2pixHD); L1; and the
-  gradient-correlation loss 1 - GC of :func:`xbmd.similarity.similarity`.
+  is pluggable: ``'unet'`` (default, built here from MONAI-identical blocks,
+  :mod:`xbmd.model.blocks`, small enough to train on two CPU cores) or any MONAI
+  ``FlexibleUNet`` encoder (``'resnet18'``, ``'resnet34'``, ``'efficientnet-b0'``, ..., for a GPU;
+  these need MONAI at inference too).
+
+The discriminator and the losses are training-only: ``xbmd.learn.losses``.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.losses import PatchAdversarialLoss
-from monai.networks.blocks import Convolution, ResidualUnit, UpSample
-from monai.networks.nets import FlexibleUNet, PatchDiscriminator
 from torch import nn
-from torch.nn import functional as F
 
 from xbmd.errors import InputError
-from xbmd.similarity import sobel
+from xbmd.model.blocks import Convolution, ResidualUnit, UpSample
 
 #: Model input channels: the normalised X-ray and its valid-pixel mask.
 IN_CHANNELS = 2
@@ -51,25 +43,13 @@ class _UNetBackbone(nn.Module):
         self.down = nn.ModuleList()
         previous = IN_CHANNELS
         for i, ch in enumerate(channels):
-            self.down.append(
-                ResidualUnit(
-                    2,
-                    previous,
-                    ch,
-                    strides=1 if i == 0 else 2,
-                    subunits=max(1, res_units),
-                    norm="INSTANCE",
-                    act="PRELU",
-                )
-            )
+            self.down.append(ResidualUnit(previous, ch, 1 if i == 0 else 2, max(1, res_units)))
             previous = ch
         self.up = nn.ModuleList()
         self.fuse = nn.ModuleList()
         for ch_low, ch_skip in zip(channels[:0:-1], channels[-2::-1], strict=True):
-            self.up.append(UpSample(2, ch_low, ch_skip, scale_factor=2, mode="deconv"))
-            self.fuse.append(
-                Convolution(2, 2 * ch_skip, ch_skip, kernel_size=3, norm="INSTANCE", act="PRELU")
-            )
+            self.up.append(UpSample(ch_low, ch_skip))
+            self.fuse.append(Convolution(2 * ch_skip, ch_skip))
         self.out_features = channels[-1]
         self.head = nn.Conv2d(channels[0], OUT_CHANNELS, kernel_size=1)
 
@@ -91,6 +71,8 @@ class _FlexibleBackbone(nn.Module):
     """MONAI FlexibleUNet (ResNet / EfficientNet encoder, U-Net decoder), randomly initialised."""
 
     def __init__(self, backbone: str) -> None:
+        from monai.networks.nets import FlexibleUNet  # MONAI takes seconds to import
+
         super().__init__()
         self.net = FlexibleUNet(
             IN_CHANNELS, OUT_CHANNELS, backbone, pretrained=False, spatial_dims=2
@@ -162,66 +144,12 @@ class Generator(nn.Module):
         return maps, targets
 
 
-class MultiScaleDiscriminator(nn.Module):
-    """pix2pixHD multi-scale PatchGAN from MONAI ``PatchDiscriminator`` s.
-
-    Scale k sees the (X-ray, DRR) pair average-pooled k times (3x3, stride 2). ``forward`` returns,
-    per scale, the list of intermediate features with the patch logits last (MONAI's convention).
-    """
-
-    def __init__(self, in_channels: int, scales: int = 2, layers: int = 3, channels: int = 32):
-        super().__init__()
-        self.scales = nn.ModuleList(
-            PatchDiscriminator(
-                spatial_dims=2,
-                channels=channels,
-                in_channels=in_channels,
-                out_channels=1,
-                num_layers_d=layers,
-                norm="INSTANCE",
-            )
-            for _ in range(scales)
-        )
-
-    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
-        outputs = []
-        for i, disc in enumerate(self.scales):
-            if i:
-                x = F.avg_pool2d(x, 3, stride=2, padding=1, count_include_pad=False)
-            outputs.append(disc(x))
-        return outputs
-
-
-_ADVERSARIAL = PatchAdversarialLoss(criterion="least_squares", reduction="mean")
-
-
-def adversarial_loss(outputs: list[list[torch.Tensor]], real: bool, for_discriminator: bool):
-    """LSGAN loss over the scales' patch logits (the last entry of each scale's list)."""
-    logits = [scale[-1] for scale in outputs]
-    return _ADVERSARIAL(logits, target_is_real=real, for_discriminator=for_discriminator)
-
-
-def feature_matching_loss(
-    fake: list[list[torch.Tensor]], real: list[list[torch.Tensor]]
-) -> torch.Tensor:
-    """Mean L1 between the discriminator's intermediate features of fake and real (detached)."""
-    terms = [
-        F.l1_loss(f, r.detach())
-        for fake_scale, real_scale in zip(fake, real, strict=True)
-        for f, r in zip(fake_scale[:-1], real_scale[:-1], strict=True)
-    ]
-    return torch.stack(terms).mean()
-
-
-def gradient_correlation_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - gradient correlation: the mean NCC of the Sobel x and y gradients (``xbmd.similarity``)
-    of each pair, averaged over the batch. pred, target (B, H, W)."""
-
-    def ncc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        a = a.flatten(1) - a.flatten(1).mean(dim=1, keepdim=True)
-        b = b.flatten(1) - b.flatten(1).mean(dim=1, keepdim=True)
-        return (a * b).sum(1) / torch.sqrt((a * a).sum(1) * (b * b).sum(1) + 1e-12)
-
-    px, py = sobel(pred)
-    tx, ty = sobel(target)
-    return 1.0 - 0.5 * (ncc(px, tx) + ncc(py, ty)).mean()
+def build_generator(config: dict) -> Generator:
+    """The generator a resolved training config describes (``xbmd.learn.config``)."""
+    g = config["generator"]
+    return Generator(
+        g["backbone"],
+        g["channels"],
+        g["res_units"],
+        n_targets=len(config["stages"]["3"]["targets"]),
+    )

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from xbmd import units
+from xbmd.ct.landmarks import FemurLandmarks
 from xbmd.drr import RenderVolume, prepare_volume, render
 from xbmd.errors import GeometryError, InputError
 from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
-from xbmd.landmarks import FemurLandmarks
 from xbmd.similarity import block_all, block_mean, field_mask, similarity
 from xbmd.volume import Volume
 

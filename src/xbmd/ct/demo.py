@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xbmd.calibration import load_phantom, phantom_calibration
+from xbmd.ct.calibration import load_phantom, phantom_calibration
+from xbmd.ct.phantoms import LABELS, hip_test_ct
 from xbmd.display import write_preview_png
 from xbmd.drr import prepare_volume, render
 from xbmd.geometry import ParallelGeometry, PerspectiveGeometry, femur_rotation_deg
 from xbmd.io.ct import write_volume
-from xbmd.phantoms import LABELS, hip_test_ct
 
 #: Typical AP hip radiograph: 110 cm source-detector, hip about 15 cm above the detector.
 SDD_MM, SOD_MM = 1100.0, 950.0

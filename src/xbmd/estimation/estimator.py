@@ -2,8 +2,8 @@
 
 Per radiograph: read it (``xbmd.io.xray.read_xray``), find each femoral head with the model's
 localiser (``xbmd.learn.localiser.locate_heads``), crop each hip as ``xbmd prepare`` does
-(``xbmd.hip.hip_crop``: 256 x 256 pixels of 0.75 detector mm, left hips mirrored), predict both
-hips in one call of the model bundle (``xbmd.learn.bundle``) and map the virtual X-ray back onto
+(``xbmd.dataset.hip.hip_crop``: 256 x 256 pixels of 0.75 detector mm, left hips mirrored), predict both
+hips in one call of the model bundle (``xbmd.model.bundle``) and map the virtual X-ray back onto
 the radiograph (:func:`model_to_image`). :class:`Estimator` is the Python API; ``write`` puts the
 files of the results on disk, ``estimate_xray`` does everything in memory (for benchmarks).
 
@@ -31,7 +31,7 @@ Estimated, but ``confident: false`` with a warning saying why:
 - the predicted proximal-femur region's area at the detector is outside ``PF_AREA_RANGE_MM2``
   (the training samples of the virtual cohort, their ``pf_area_px``, span
   5,200-11,800 mm2; the range allows half the smallest and 1.5 x the largest) or is empty;
-- less than ``xbmd.hip.MIN_VALID_PF_FRACTION`` of the region lies inside the radiograph's field
+- less than ``xbmd.dataset.hip.MIN_VALID_PF_FRACTION`` of the region lies inside the radiograph's field
   (``xbmd prepare`` refuses such training samples);
 - a regression output beyond ``TARGET_SD_LIMIT`` standard deviations of the training targets
   (``bundle.target_stats``), or an aBMD that is not a positive number (no T-score then);
@@ -52,20 +52,19 @@ import numpy as np
 from scipy import ndimage
 
 from xbmd import __version__
-from xbmd.errors import InputError, XbmdError
-from xbmd.geometry import rounded
-from xbmd.hip import (
+from xbmd.dataset.hip import (
     CROP_PIXEL_MM,
     CROP_SIZE_PX,
     FIELD_MARGIN_PX,
     HEAD_POSITION,
     MIN_VALID_PF_FRACTION,
-    SIDES,
     HipCrop,
     hip_crop,
 )
+from xbmd.errors import InputError, XbmdError
+from xbmd.geometry import SIDES, rounded
 from xbmd.io.xray import XRay, read_xray
-from xbmd.learn.localiser import locate_heads
+from xbmd.model.localiser import locate_heads
 from xbmd.similarity import field_mask
 from xbmd.tscore import (
     DEFAULT_REFERENCE,
@@ -274,7 +273,7 @@ class Estimator:
     Parameters
     ----------
     model : path of a model bundle (``xbmd train``'s ``model.pt``), a loaded
-        ``xbmd.learn.bundle.ModelBundle``, or None for the bundled default.
+        ``xbmd.model.bundle.ModelBundle``, or None for the bundled default.
     reference : T-score reference, one of ``xbmd.tscore.REFERENCES``.
 
     Examples
@@ -287,7 +286,7 @@ class Estimator:
     """
 
     def __init__(self, model=None, reference: str = DEFAULT_REFERENCE) -> None:
-        from xbmd.learn.bundle import ModelBundle, load_bundle
+        from xbmd.model.bundle import ModelBundle, load_bundle
 
         if reference not in REFERENCES:
             raise InputError(f"reference must be one of {', '.join(REFERENCES)}, not {reference!r}")
@@ -333,7 +332,7 @@ class Estimator:
         ``unilateral`` ('right' or 'left') says the image is a crop of that hip (module
         docstring). Timing this is the per-image latency without disk I/O.
         """
-        from xbmd.registration import xray_geometry
+        from xbmd.registration.optimise import xray_geometry
 
         start = time.perf_counter()
         if unilateral not in (None, *SIDES):
@@ -548,7 +547,7 @@ def implausibilities(
     valid : (256, 256) bool, the crop's valid mask (``HipCrop.resample``).
     targets : {name: value} the regression outputs; target_stats : {name: [mean, sd]}.
     """
-    from xbmd.learn.data import VALID_SHARE, downsample_map
+    from xbmd.model.inputs import VALID_SHARE, downsample_map
 
     area_mm2 = region_area_mm2(region)
     doubts = []

@@ -15,7 +15,7 @@ Columns (``*`` = required):
     phantom         phantom JSON (as ``xbmd calibrate --phantom``) or a bundled name
     kvp             CT tube voltage, for phantom-less calibration
     xrays*          X-ray files (DICOM, PNG, ...)
-    landmarks       femur landmarks JSON (xbmd.landmarks), for the BMD regions
+    landmarks       femur landmarks JSON (xbmd.ct.landmarks), for the BMD regions
     known_poses     JSON with every bone's true pose per X-ray (the virtual cohort's truth.json)
     age_years, sex  patient age and sex (F/M), optional
     dxa_total_hip_left_g_cm2, dxa_total_hip_right_g_cm2, dxa_neck_left_g_cm2,

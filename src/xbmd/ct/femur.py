@@ -28,10 +28,10 @@ import numpy as np
 import torch
 
 from xbmd import units
+from xbmd.ct.landmarks import FemurLandmarks
 from xbmd.drr import prepare_volume, render
 from xbmd.errors import GeometryError, InputError
 from xbmd.geometry import ParallelGeometry, RigidTransform, translation_matrix
-from xbmd.landmarks import FemurLandmarks
 from xbmd.volume import Volume, bounding_box
 
 #: Pixel size of the neutral-pose projection (Uemura et al. 2022), mm.

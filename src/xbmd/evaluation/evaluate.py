@@ -11,9 +11,9 @@ Two sources of estimates:
   ``est_<name>`` and ``ref_<name>`` columns (the ``predictions.csv`` this command writes has that
   format). Agreement, diagnostic performance and reproducibility only.
 
-Sections (``metrics.json``; ``report.html`` shows them with plots, see ``xbmd.report``):
+Sections (``metrics.json``; ``report.html`` shows them with plots, see ``xbmd.evaluation.report``):
 
-1. agreement of each estimate with each reference it has (``xbmd.stats.agreement``), per image and
+1. agreement of each estimate with each reference it has (``xbmd.evaluation.stats.agreement``), per image and
    per hip (the mean over a patient's images of that hip);
 2. diagnostic performance at the WHO thresholds from T-scores of the aBMD estimate and of its
    reference, both against the same young-adult reference (``xbmd.tscore``);
@@ -22,7 +22,7 @@ Sections (``metrics.json``; ``report.html`` shows them with plots, see ``xbmd.re
    sigma 1.5, same data range), gradient correlation (mean NCC of the Sobel x and y gradients),
    and the error of BMD_drr (mean of the virtual X-ray in its predicted region) against the
    reference's;
-4. reproducibility over each hip's images (poses): RMS-CV, RMS-SD and LSC (``xbmd.stats``);
+4. reproducibility over each hip's images (poses): RMS-CV, RMS-SD and LSC (``xbmd.evaluation.stats``);
 5. robustness: the same crops re-estimated after a perturbation of the X-ray (``PERTURBATIONS``),
    reported as the change of the primary estimate against the untouched crop, in %.
 """
@@ -41,7 +41,7 @@ import numpy as np
 
 from xbmd import tscore
 from xbmd.errors import InputError
-from xbmd.stats import agreement, confusion_matrix, diagnostic, reproducibility
+from xbmd.evaluation.stats import agreement, confusion_matrix, diagnostic, reproducibility
 
 #: --target choices: the reference column, the unit and a label.
 TARGETS = {
@@ -133,7 +133,7 @@ def perturb(
     removed by the model's per-image normalisation); gamma: the windowed crop raised to ``level``;
     noise: Gaussian noise of SD ``level`` % of the window.
     """
-    from xbmd.learn.data import jpeg_round_trip
+    from xbmd.display import jpeg_round_trip
 
     lo, hi = _window(xray, valid)
     unit = (xray - lo) / (hi - lo)
@@ -160,15 +160,14 @@ def _image_quality(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float, f
     import torch
     from skimage.metrics import structural_similarity
 
-    from xbmd.learn.module import psnr
-    from xbmd.learn.networks import gradient_correlation_loss
+    from xbmd.similarity import paired_gradient_correlation, psnr
 
     p, t = torch.from_numpy(pred[None]), torch.from_numpy(truth[None])
     peak = max(float(truth.max()), 1e-6)
     ssim = structural_similarity(
         truth, pred, data_range=peak, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
     )
-    gc = 1.0 - float(gradient_correlation_loss(p, t))
+    gc = float(paired_gradient_correlation(p, t)[0])
     return float(psnr(p, t)[0]), float(ssim), gc
 
 
@@ -191,9 +190,10 @@ def predict_dataset(
     progress: Callable | None = None,
 ) -> ModelRun:
     """Predict every sample of a prepared dataset; a sample that cannot be read is listed."""
-    from xbmd.hip import load_sample
-    from xbmd.learn.bundle import load_bundle
-    from xbmd.learn.data import downsample_map, read_index
+    from xbmd.dataset.hip import load_sample
+    from xbmd.learn.data import read_index
+    from xbmd.model.bundle import load_bundle
+    from xbmd.model.inputs import downsample_map
 
     bundle = load_bundle(model)
     # a model of the `direct` ablation regresses the BMD only: its decoder was never trained
@@ -630,7 +630,7 @@ def evaluate(
     import json
 
     from xbmd import __version__
-    from xbmd.report import write_report
+    from xbmd.evaluation.report import write_report
 
     if (dataset is None) == (predictions is None):
         raise InputError("give either a dataset (with a model) or a predictions CSV")

@@ -2,14 +2,21 @@
 
 Keys: ``format`` ('xbmd-model'), ``format_version``, ``xbmd_version``, ``created``, ``config``
 (the resolved training config), ``targets`` and ``target_stats`` ({target: [mean, sd]} of the
-training set, to undo the standardisation), ``generator`` (state dict: encoder, decoder,
-regression head), ``localiser`` (:func:`xbmd.learn.localiser.localiser_state`, or None) and
-``training`` (the run summary). The bundled default lives in ``xbmd/data/models/default.pt``.
+training set, to undo the standardisation), ``crop`` (the hip crop the model was trained on:
+``size_px``, ``pixel_mm``, ``head_position``; format 2 and later), ``generator`` (state dict:
+encoder, decoder, regression head), ``localiser`` (:func:`xbmd.model.localiser.localiser_state`,
+or None) and ``training`` (the run summary). The bundled default lives in
+``xbmd/data/models/default.pt``.
+
+Bundles hold tensors and plain Python values only and are read with
+``torch.load(weights_only=True)``: a model file from someone else cannot run code. Loading needs
+neither Lightning nor the training code.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,12 +25,17 @@ import numpy as np
 import torch
 
 from xbmd import __version__
+from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION
 from xbmd.errors import InputError
-from xbmd.learn.data import model_input
-from xbmd.learn.module import region_bmd
+from xbmd.model.inputs import model_input, region_bmd
 
 FORMAT = "xbmd-model"
-FORMAT_VERSION = 1
+#: 2: the hip crop is recorded (``crop``). Version 1 bundles were all trained on the crop of
+#: ``LEGACY_CROP``, which is assumed for them.
+FORMAT_VERSION = 2
+#: The hip crop of this xbmd (``xbmd.dataset.hip``), which estimate uses.
+CROP = {"size_px": CROP_SIZE_PX, "pixel_mm": CROP_PIXEL_MM, "head_position": list(HEAD_POSITION)}
+LEGACY_CROP = {"size_px": 256, "pixel_mm": 0.75, "head_position": [0.4, 0.5]}
 
 
 def default_model_path() -> Path:
@@ -48,6 +60,7 @@ def write_bundle(
         "config": config,
         "targets": list(config["stages"]["3"]["targets"]),
         "target_stats": target_stats,
+        "crop": dict(CROP),
         "generator": {k: v.detach().cpu() for k, v in generator_state.items()},
         "localiser": localiser,
         "training": training or {},
@@ -80,7 +93,7 @@ class ModelBundle:
     """A loaded model bundle: the generator with its regression head, and the localiser."""
 
     def __init__(self, bundle: dict, source: str = "model") -> None:
-        from xbmd.learn.module import build_generator
+        from xbmd.model.networks import build_generator
 
         self.source = source
         self.config = bundle["config"]
@@ -91,12 +104,13 @@ class ModelBundle:
         self.training = bundle.get("training", {})
         self.image_size = int(self.config["image_size"])
         self.region_probability = float(self.config["region_probability"])
+        self.crop = dict(bundle.get("crop") or LEGACY_CROP)
         self.generator = build_generator(self.config)
         self.generator.load_state_dict(bundle["generator"])
         self.generator.eval()
         self.localiser = None
         if bundle.get("localiser"):
-            from xbmd.learn.localiser import localiser_from_state
+            from xbmd.model.localiser import localiser_from_state
 
             self.localiser = localiser_from_state(bundle["localiser"])
             self.localiser.eval()
@@ -136,7 +150,14 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
         )
         raise InputError(f"{path}: no such model file{hint}")
     try:
-        bundle = torch.load(path, map_location="cpu", weights_only=False)
+        bundle = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a pickle at all (truncated, another format)
+            raise InputError(f"{path}: not a readable model file ({exc})".split("\n")[0]) from None
+        raise InputError(
+            f"{path}: refused: the file holds Python objects besides tensors and plain values, "
+            "which could run code when loaded (an xbmd model bundle holds none)"
+        ) from None
     except Exception as exc:
         raise InputError(
             f"{path}: not a readable model file ({type(exc).__name__}: {exc})"
@@ -149,6 +170,12 @@ def load_bundle(path: str | Path | None = None) -> ModelBundle:
         raise InputError(
             f"{path}: model format {bundle['format_version']} is newer than this xbmd reads "
             f"({FORMAT_VERSION}); upgrade xbmd"
+        )
+    crop = bundle.get("crop") or LEGACY_CROP
+    if crop != CROP:
+        raise InputError(
+            f"{path}: the model was trained on hip crops of {crop}, this xbmd crops {CROP}; "
+            "use the xbmd version that trained it, or train it again"
         )
     try:
         return ModelBundle(bundle, str(path))

@@ -1,6 +1,6 @@
 """Anatomical landmarks of a proximal femur, in CT world coordinates (LPS, mm).
 
-They define the standardised neutral pose and the regions of interest of ``xbmd.femur`` (total
+They define the standardised neutral pose and the regions of interest of ``xbmd.ct.femur`` (total
 hip, femoral neck, proximal femur). The virtual cohort knows them exactly; for real CTs they come
 from the manifest (a landmarks JSON per case).
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from xbmd.errors import InputError
+from xbmd.geometry import SIDES
 
-SIDES = ("left", "right")
 _POINTS = (
     "head_center_mm",
     "head_neck_junction_mm",

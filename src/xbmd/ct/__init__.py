@@ -1,0 +1,1 @@
+"""CT: calibration to mineral density, phantoms, materials, femur measures and landmarks."""

@@ -1,0 +1,1 @@
+"""The training set: the case manifest, the hip crop, `xbmd prepare` and the format."""

@@ -1,0 +1,1 @@
+"""`xbmd estimate`: the estimator, its results and their figures."""

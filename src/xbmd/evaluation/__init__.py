@@ -1,0 +1,1 @@
+"""`xbmd evaluate`: the validation toolkit, its statistics and its HTML report."""
