@@ -2,7 +2,8 @@
 
 For each radiograph of the cohort (``xbmd synth``), every body (pelvis, both femurs) starts from its
 true pose perturbed by up to 10 degrees about each axis, 20 mm in the detector plane and 50 mm
-along the beam (uniform), and is registered with ``xbmd.registration.optimise.register``. Reported per body:
+along the beam (uniform), and is registered with ``xbmd.registration.optimise.register``.
+Reported per body:
 
 - rotation error (degrees, angle of R_est R_true^T);
 - mean projected distance (mPD, mm at the detector) of its anatomical landmarks (femur: head centre,

@@ -131,7 +131,8 @@ def calibrate_case(case: ManifestCase, ct: Volume, labels: Volume) -> Calibratio
 def side_labels(
     density: Volume, labels: Volume, label_map: dict[str, int], landmarks: FemurLandmarks
 ) -> dict:
-    """The CT labels of one femur (``xbmd.ct.femur.FemurBmd`` as a dict: g/cm2, mg/cm3, cm2, cm3)."""
+    """The CT labels of one femur (``xbmd.ct.femur.FemurBmd`` as a dict: g/cm2, mg/cm3, cm2,
+    cm3)."""
     side = landmarks.side
     bone = f"femur_{side}"
     if bone not in label_map:

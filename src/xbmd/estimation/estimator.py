@@ -1,11 +1,12 @@
 """Bone mineral density of each hip of a plain AP pelvis or hip radiograph (``xbmd estimate``).
 
 Per radiograph: read it (``xbmd.io.xray.read_xray``), find each femoral head with the model's
-localiser (``xbmd.learn.localiser.locate_heads``), crop each hip as ``xbmd prepare`` does
-(``xbmd.dataset.hip.hip_crop``: 256 x 256 pixels of 0.75 detector mm, left hips mirrored), predict both
-hips in one call of the model bundle (``xbmd.model.bundle``) and map the virtual X-ray back onto
-the radiograph (:func:`model_to_image`). :class:`Estimator` is the Python API; ``write`` puts the
-files of the results on disk, ``estimate_xray`` does everything in memory (for benchmarks).
+localiser (``xbmd.model.localiser.locate_heads``), crop each hip as ``xbmd prepare`` does
+(``xbmd.dataset.hip.hip_crop``: 256 x 256 pixels of 0.75 detector mm, left hips mirrored),
+predict both hips in one call of the model bundle (``xbmd.model.bundle``) and map the virtual
+X-ray back onto the radiograph (:func:`model_to_image`). :class:`Estimator` is the Python API;
+``write`` puts the files of the results on disk, ``estimate_xray`` does everything in memory
+(for benchmarks).
 
 Which image is a whole pelvis, which a crop of one hip
 ------------------------------------------------------
@@ -31,8 +32,8 @@ Estimated, but ``confident: false`` with a warning saying why:
 - the predicted proximal-femur region's area at the detector is outside ``PF_AREA_RANGE_MM2``
   (the training samples of the virtual cohort, their ``pf_area_px``, span
   5,200-11,800 mm2; the range allows half the smallest and 1.5 x the largest) or is empty;
-- less than ``xbmd.dataset.hip.MIN_VALID_PF_FRACTION`` of the region lies inside the radiograph's field
-  (``xbmd prepare`` refuses such training samples);
+- less than ``xbmd.dataset.hip.MIN_VALID_PF_FRACTION`` of the region lies inside the
+  radiograph's field (``xbmd prepare`` refuses such training samples);
 - a regression output beyond ``TARGET_SD_LIMIT`` standard deviations of the training targets
   (``bundle.target_stats``), or an aBMD that is not a positive number (no T-score then);
 - DICOM Body Part Examined names another region (``OTHER_BODY_PARTS``: chest, hand, ...);

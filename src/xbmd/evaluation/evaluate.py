@@ -13,8 +13,8 @@ Two sources of estimates:
 
 Sections (``metrics.json``; ``report.html`` shows them with plots, see ``xbmd.evaluation.report``):
 
-1. agreement of each estimate with each reference it has (``xbmd.evaluation.stats.agreement``), per image and
-   per hip (the mean over a patient's images of that hip);
+1. agreement of each estimate with each reference it has (``xbmd.evaluation.stats.agreement``),
+   per image and per hip (the mean over a patient's images of that hip);
 2. diagnostic performance at the WHO thresholds from T-scores of the aBMD estimate and of its
    reference, both against the same young-adult reference (``xbmd.tscore``);
 3. decomposition quality of the proximal-femur virtual X-ray against the reference DRR at model
@@ -22,7 +22,8 @@ Sections (``metrics.json``; ``report.html`` shows them with plots, see ``xbmd.ev
    sigma 1.5, same data range), gradient correlation (mean NCC of the Sobel x and y gradients),
    and the error of BMD_drr (mean of the virtual X-ray in its predicted region) against the
    reference's;
-4. reproducibility over each hip's images (poses): RMS-CV, RMS-SD and LSC (``xbmd.evaluation.stats``);
+4. reproducibility over each hip's images (poses): RMS-CV, RMS-SD and LSC
+   (``xbmd.evaluation.stats``);
 5. robustness: the same crops re-estimated after a perturbation of the X-ray (``PERTURBATIONS``),
    reported as the change of the primary estimate against the untouched crop, in %.
 """
