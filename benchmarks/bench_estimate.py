@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from xbmd.estimation.estimator import Estimator
+from xbmd.estimation.output import write_results
 from xbmd.io.xray import read_xray
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def main() -> None:
     print(f"  per hip:                        median {med / max(hips, 1):7.1f} ms  (target 500)")
     with tempfile.TemporaryDirectory() as tmp:
         med, p90 = _median_ms(
-            lambda: estimator.write(estimator.estimate_xray(xray), tmp, "bench"),
+            lambda: write_results(estimator.estimate_xray(xray), tmp, "bench"),
             max(3, args.repeats // 4),
         )
         print(f"estimate + write outputs, image:  median {med:7.1f} ms  p90 {p90:7.1f} ms")

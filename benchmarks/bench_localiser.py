@@ -179,7 +179,7 @@ def contact_sheet(shown: list, path: Path, columns: int = 5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from xbmd.io.xray import to_display_uint8
+    from xbmd.display import to_display_uint8
 
     n = len(shown)
     fig, axes = plt.subplots(

@@ -38,19 +38,12 @@ from xbmd.ct.calibration import Calibration
 from xbmd.ct.femur import SILHOUETTE_CHORD_MM, proximal_femur_mask
 from xbmd.ct.landmarks import read_landmarks
 from xbmd.drr import prepare_volume, render, volume_values
-from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
+from xbmd.geometry import SIDES, BodyPose, PerspectiveGeometry, RigidTransform
 from xbmd.io.ct import read_ct, read_labels
-from xbmd.io.xray import read_xray
-from xbmd.registration.optimise import (
-    RegistrationSettings,
-    build_scene,
-    projected_distance_mm,
-    register,
-    rotation_error_deg,
-    xray_geometry,
-)
-
-SIDES = ("right", "left")
+from xbmd.io.xray import read_xray, xray_geometry
+from xbmd.registration.optimise import RegistrationSettings, register
+from xbmd.registration.result import projected_distance_mm, rotation_error_deg
+from xbmd.registration.scene import build_scene
 
 
 def perturb(pose: BodyPose, rng: np.random.Generator) -> BodyPose:

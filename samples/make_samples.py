@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from xbmd.io.xray import read_xray, write_xray_dicom, write_xray_png
+from xbmd.io.xray import read_xray
+from xbmd.io.xray_write import write_xray_dicom, write_xray_png
 
 HERE = Path(__file__).parent
 CHOICES = (("case_VQ0002", "xray_01", "dicom"), ("case_VQ0011", "xray_02", "png"))

@@ -17,14 +17,10 @@ import xbmd.estimation.estimator as estimate_module
 from xbmd.cli import app
 from xbmd.dataset.hip import CROP_SIZE_PX, FIELD_MARGIN_PX, HEAD_POSITION, hip_crop
 from xbmd.errors import InputError
-from xbmd.estimation.estimator import (
-    PF_AREA_RANGE_MM2,
-    Estimator,
-    model_to_image,
-    warp_to_image,
-)
+from xbmd.estimation.estimator import PF_AREA_RANGE_MM2, Estimator
+from xbmd.estimation.result import model_to_image, warp_to_image
 from xbmd.geometry import PerspectiveGeometry
-from xbmd.io.xray import write_xray_dicom, write_xray_png
+from xbmd.io.xray_write import write_xray_dicom, write_xray_png
 from xbmd.learn import config
 from xbmd.model.bundle import Prediction, load_bundle, write_bundle
 from xbmd.model.localiser import HeadDetection, Localiser, LocaliserSettings, localiser_state

@@ -29,7 +29,7 @@ from xbmd.tscore import t_score
 runner = CliRunner()
 SIZE = 64
 INDEX_COLUMNS = [
-    "sample_id", "patient_id", "side", "file", "sex", "age_years", "ct_abmd_g_cm2",
+    "sample_id", "case_id", "patient_id", "side", "file", "sex", "age_years", "ct_abmd_g_cm2",
     "qct_vbmd_mg_cm3", "neck_abmd_g_cm2", "bmd_drr_g_cm2", "dxa_total_hip_g_cm2",
     "dxa_neck_g_cm2",
 ]  # fmt: skip
@@ -75,6 +75,7 @@ def dataset(tmp_path_factory):
                 rows.append(
                     {
                         "sample_id": sid,
+                        "case_id": f"case_P{p}",
                         "patient_id": f"P{p}",
                         "side": side,
                         "file": file,

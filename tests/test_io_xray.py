@@ -36,6 +36,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from xbmd.display import to_display_uint8
 from xbmd.errors import InputError
 from xbmd.io.xray import (
     DX_FOR_PRESENTATION,
@@ -44,13 +45,10 @@ from xbmd.io.xray import (
     WARN_LOSSY,
     WARN_NO_SPACING,
     XRay,
-    format_patient_age,
     parse_patient_age,
     read_xray,
-    to_display_uint8,
-    write_xray_dicom,
-    write_xray_png,
 )
+from xbmd.io.xray_write import format_patient_age, write_xray_dicom, write_xray_png
 
 ROWS, COLS = 64, 80
 MAX12 = 2**12 - 1

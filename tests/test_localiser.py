@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from xbmd.dataset.hip import CROP_SIZE_PX, HEAD_POSITION, load_sample
+from xbmd.dataset.format import REQUIRED_COLUMNS, load_sample, radiograph_arrays
+from xbmd.dataset.hip import CROP_SIZE_PX, HEAD_POSITION
 from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.geometry import SIDES
-from xbmd.io.xray import write_xray_png
 from xbmd.learn.localiser import View, localiser_training_set, render_views, train_localiser
 from xbmd.model.localiser import (
     LocaliserSettings,
@@ -28,6 +28,7 @@ from xbmd.model.localiser import (
     locate_heads,
     preprocess,
 )
+from xbmd.stages import write_csv, write_npz
 from xbmd.synth.cohort import SynthSettings, generate_cohort
 
 #: Small enough to learn the toy problem in seconds on one core.
@@ -88,7 +89,7 @@ def toy_radiograph(rng, sides=SIDES, shape=TOY_SHAPE) -> tuple[np.ndarray, dict]
 
 
 def write_dataset(root: Path, radiographs: list, missing: tuple = ()) -> Path:
-    """An ``xbmd prepare``-style dataset of PNG radiographs: prepare.json, index.csv, sidecars.
+    """An ``xbmd prepare``-style dataset: index.csv, sidecars, reduced radiographs.
 
     ``radiographs``: [(pixels, heads)]; ``missing``: (radiograph number, side) not in the index.
     """
@@ -96,7 +97,7 @@ def write_dataset(root: Path, radiographs: list, missing: tuple = ()) -> Path:
     rows = []
     for n, (pixels, heads) in enumerate(radiographs):
         case, xray = f"case_{n:02d}", f"cases/case_{n:02d}/xray_01.png"
-        write_xray_png(pixels, root / xray)
+        write_npz(dataset / f"radiographs/{case}/xray_01.npz", radiograph_arrays(pixels))
         for side, (r, c) in heads.items():
             if (n, side) in missing:
                 continue
@@ -105,14 +106,12 @@ def write_dataset(root: Path, radiographs: list, missing: tuple = ()) -> Path:
             sidecar.parent.mkdir(parents=True, exist_ok=True)
             sidecar.write_text(json.dumps({"landmarks_image_px": {"head_center_px": [r, c]}}))
             rows.append(
-                {"sample_id": f"{case}/xray_01_{side}", "case_id": case, "patient_id": f"P{n}"}
+                dict.fromkeys(REQUIRED_COLUMNS, "")
+                | {"sample_id": f"{case}/xray_01_{side}", "case_id": case, "patient_id": f"P{n}"}
                 | {"xray": xray, "side": side, "file": file}
+                | {"radiograph": f"radiographs/{case}/xray_01.npz"}
             )
-    with (dataset / "index.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (dataset / "prepare.json").write_text(json.dumps({"manifest": str(root / "manifest.csv")}))
+    write_csv(dataset / "index.csv", tuple(rows[0]), rows)
     return dataset
 
 
@@ -136,8 +135,8 @@ def test_training_set_has_every_radiograph_with_unknown_sides_as_none(toy):
     images = localiser_training_set(dataset)
     assert len(images) == 12
     for n, (image, (_, heads)) in enumerate(zip(images, radiographs, strict=True)):
-        assert image.xray == dataset.parent / f"cases/case_{n:02d}/xray_01.png"
-        assert image.xray.is_file()
+        assert image.xray == dataset / f"radiographs/case_{n:02d}/xray_01.npz"
+        assert image.xray.is_file()  # the dataset's own reduced copy: self-contained
         assert set(image.heads) == set(SIDES)
         for side in SIDES:
             if n == 4 and side == "left":
@@ -159,18 +158,21 @@ def prepared(tmp_path_factory):
 
 def test_a_prepared_dataset_gives_its_radiographs_and_heads(prepared):
     (image,) = localiser_training_set(prepared)
-    assert image.xray.suffix == ".dcm" and image.xray.is_file()
+    assert image.xray.suffix == ".npz" and image.xray.is_file()
     assert image.heads["right"][1] < image.heads["left"][1]  # AP: patient's right on image left
+    with np.load(image.xray) as stored:
+        scale = stored["scale_rc"]
+        assert max(stored["pixels"].shape) <= 512 and stored["pixels"].dtype == np.float32
     with (prepared / "index.csv").open() as fh:
         for row in csv.DictReader(fh):
-            # the head centre is where the hip crop puts it (the estimator crops the same way)
-            _, meta = load_sample(prepared / row["file"])
+            # the head centre is where the hip crop puts it (the estimator crops the same way),
+            # in the reduced radiograph's pixels
+            meta = load_sample(prepared / row["file"]).meta
             crop_to_image = np.array(meta["crop"]["crop_to_image"])
             head = crop_to_image[:, :2] @ np.multiply(HEAD_POSITION, CROP_SIZE_PX)
-            np.testing.assert_allclose(
-                head + crop_to_image[:, 2], image.heads[row["side"]], atol=1e-3
-            )
-    _, report = train_localiser(prepared, QUICK, progress=False)  # reads the DICOM
+            reduced = (head + crop_to_image[:, 2] + 0.5) * scale - 0.5
+            np.testing.assert_allclose(reduced, image.heads[row["side"]], atol=1e-3)
+    _, report = train_localiser(prepared, QUICK, progress=False)  # reads only the dataset
     assert report["n_images"] == 1 and report["n_heads"] == 2
 
 
@@ -183,16 +185,19 @@ def test_unknown_side_is_left_out_of_the_loss():
 
 
 def test_bad_datasets_raise_input_errors(tmp_path):
-    with pytest.raises(InputError, match=r"index\.csv: no such file"):
+    with pytest.raises(InputError, match=r"nowhere: no such dataset folder"):
         localiser_training_set(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match=r"index\.csv: no such file"):
+        localiser_training_set(tmp_path / "empty")
     rng = np.random.default_rng(1)
     dataset = write_dataset(tmp_path, [toy_radiograph(rng), toy_radiograph(rng)])
-    (tmp_path / "cases/case_00/xray_01.png").write_bytes(b"not an image")
-    with pytest.warns(UserWarning, match=r"case_00/xray_01\.png: cannot be read, skipped"):
+    (dataset / "radiographs/case_00/xray_01.npz").write_bytes(b"not an image")
+    with pytest.warns(UserWarning, match=r"case_00/xray_01\.npz: cannot be read, skipped"):
         _, report = train_localiser(dataset, QUICK, progress=False)
     assert report["n_images"] == 1
-    (tmp_path / "cases/case_01/xray_01.png").unlink()
-    with pytest.raises(InputError, match="none of the 2 training radiographs"):
+    (dataset / "radiographs/case_01/xray_01.npz").unlink()
+    with pytest.raises(InputError, match="none of the training radiographs"):
         with pytest.warns(UserWarning):
             train_localiser(dataset, QUICK, progress=False)
     (dataset / "samples/case_00/xray_01_left.json").write_text("{}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -11,9 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from xbmd.cli import app
-from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, hip_crop, load_sample
+from xbmd.dataset.format import INDEX_COLUMNS, load_sample
+from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, hip_crop
 from xbmd.dataset.manifest import read_manifest, write_manifest
-from xbmd.dataset.prepare import INDEX_COLUMNS, prepare_dataset
+from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.registration.optimise import RegistrationSettings
@@ -94,7 +96,8 @@ def test_samples_hold_the_crop_and_its_drrs(dataset):
     out, summary = dataset
     assert summary["samples_written"] == 4 and summary["samples_failed"] == 0
     for row in _index(out):
-        arrays, meta = load_sample(out / row["file"])
+        sample = load_sample(out / row["file"])
+        arrays, meta = sample.arrays, sample.meta
         assert set(arrays) == {"xray", "valid", "bone_drr_g_cm2", "pf_drr_g_cm2", "pf_mask"}
         for name in ("xray", "bone_drr_g_cm2", "pf_drr_g_cm2"):
             assert arrays[name].dtype == np.float32
@@ -118,7 +121,7 @@ def test_left_hips_are_mirrored_and_map_back_to_the_radiograph(dataset, cohort):
     rows = _index(out)
     assert sorted(r["side"] for r in rows) == ["left", "left", "right", "right"]
     for row in rows:
-        _, meta = load_sample(out / row["file"])
+        meta = load_sample(out / row["file"]).meta
         side = row["side"]
         assert row["mirrored"] == str(side == "left") and meta["mirrored"] == (side == "left")
         lm = meta["landmarks_px"]
@@ -182,7 +185,10 @@ def test_broken_cases_are_reported_and_the_rest_written(cohort, tmp_path):
     good, other = read_manifest(cohort / "manifest.csv")
     corrupt = tmp_path / "corrupt_ct.nii.gz"
     corrupt.write_bytes(b"not a NIfTI file" * 100)
-    bad_ct = replace(good, case_id="bad_ct", ct=corrupt)
+    copies = [tmp_path / f"copy_{x.name}" for x in good.xrays]  # one radiograph, one case
+    for x, copy in zip(good.xrays, copies, strict=True):
+        shutil.copy(x, copy)
+    bad_ct = replace(good, case_id="bad_ct", ct=corrupt, xrays=copies)
     missing = tmp_path / "missing.dcm"
     bad_xray = replace(other, case_id="bad_xray", xrays=[missing])
     no_landmarks = replace(other, case_id="no_lm", landmarks=None)
@@ -275,3 +281,61 @@ def test_registered_poses_are_saved_and_reused(cohort, tmp_path):
         1 if first["samples_failed"] else 0
     )
     assert len(_index(out)) == 2 and again["samples_failed"] == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# What a corrected manifest changes
+
+
+def test_another_patients_radiograph_is_refused(cohort, tmp_path):
+    own, other = read_manifest(cohort / "manifest.csv")
+    wrong = replace(own, xrays=other.xrays)  # the other patient's radiograph (DICOM Patient ID)
+    write_manifest([wrong], tmp_path / "manifest.csv")
+    out = tmp_path / "dataset"
+    summary = prepare_dataset(tmp_path / "manifest.csv", out, use_known_poses=True, progress=False)
+    (failure,) = summary["failures"]
+    assert failure["stage"] == "xray" and "Patient ID" in failure["error"]
+    assert other.patient_id in failure["error"] and summary["samples_in_index"] == 0
+
+
+def test_changed_inputs_are_made_again_and_removed_radiographs_leave(cohort, tmp_path):
+    own, other = read_manifest(cohort / "manifest.csv")
+    case_dir = tmp_path / "case"
+    shutil.copytree(own.ct.parent, case_dir)
+    mine = replace(
+        own,
+        ct=case_dir / own.ct.name,
+        labels=case_dir / own.labels.name,
+        landmarks=case_dir / own.landmarks.name,
+        xrays=[case_dir / x.name for x in own.xrays],
+    )
+    write_manifest([mine, other], tmp_path / "manifest.csv")
+    out = tmp_path / "dataset"
+    first = prepare_dataset(tmp_path / "manifest.csv", out, use_known_poses=True, progress=False)
+    assert first["samples_written"] == 4
+    sidecar = json.loads(next((out / "samples" / mine.case_id).glob("*_left.json")).read_text())
+    assert set(sidecar["inputs"]) == {"case", "xray"} and sidecar["patient_check"] == "same"
+    # the CT's landmarks file is corrected: that case's samples are made again, not kept
+    landmarks = json.loads(mine.landmarks.read_text())
+    mine.landmarks.write_text(json.dumps(landmarks, indent=2))  # same content, other bytes
+    again = prepare_dataset(tmp_path / "manifest.csv", out, use_known_poses=True, progress=False)
+    assert again["samples_written"] == 2 and again["samples_skipped"] == 2
+    # the other case leaves the manifest: its samples leave the index and the disk
+    write_manifest([mine], tmp_path / "manifest.csv")
+    last = prepare_dataset(tmp_path / "manifest.csv", out, use_known_poses=True, progress=False)
+    assert last["samples_removed"] == 2 and last["samples_in_index"] == 2
+    assert {r["case_id"] for r in _index(out)} == {mine.case_id}
+    assert not (out / "samples" / other.case_id).exists()
+    assert not (out / "radiographs" / other.case_id).exists()
+
+
+def test_a_radiograph_listed_twice_is_reported_once(cohort, tmp_path):
+    own, other = read_manifest(cohort / "manifest.csv")
+    twice = replace(other, xrays=[*own.xrays])  # own's radiograph again, in another case
+    write_manifest([own, twice], tmp_path / "manifest.csv")
+    summary = prepare_dataset(
+        tmp_path / "manifest.csv", tmp_path / "dataset", use_known_poses=True, progress=False
+    )
+    (failure,) = summary["failures"]
+    assert failure["stage"] == "manifest" and "listed twice" in failure["error"]
+    assert summary["samples_in_index"] == 2

@@ -16,17 +16,15 @@ from xbmd.drr import prepare_volume, render
 from xbmd.errors import InputError
 from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
 from xbmd.io.ct import read_ct, read_labels
-from xbmd.io.xray import read_xray
-from xbmd.registration.optimise import (
+from xbmd.io.xray import read_xray, xray_geometry
+from xbmd.registration.optimise import RegistrationSettings, register
+from xbmd.registration.result import (
     Registration,
-    RegistrationSettings,
-    build_scene,
     projected_distance_mm,
     read_poses,
-    register,
     rotation_error_deg,
-    xray_geometry,
 )
+from xbmd.registration.scene import build_scene
 from xbmd.similarity import block_all, block_mean, field_mask, similarity
 from xbmd.synth.cohort import SynthSettings, generate_cohort
 from xbmd.volume import Volume

@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
-from xbmd.io.xray import read_xray, write_xray_dicom
+from xbmd.io.xray import read_xray
+from xbmd.io.xray_write import write_xray_dicom
 from xbmd.synth import radiograph as rg
 
 SHAPE = (96, 128)

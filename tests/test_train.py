@@ -16,10 +16,11 @@ import yaml
 from typer.testing import CliRunner
 
 from xbmd.cli import app
+from xbmd.dataset.format import load_sample, read_index
 from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.learn import config as cfg
-from xbmd.learn.data import augment, patient_split, read_index
+from xbmd.learn.data import augment, patient_split
 from xbmd.learn.losses import (
     MultiScaleDiscriminator,
     feature_matching_loss,
@@ -228,9 +229,7 @@ def test_train_stages_write_checkpoints_and_a_bundle(dataset, small_config_file,
     bundle = load_bundle(run / "model.pt")
     assert bundle.targets == ["ct_abmd_g_cm2", "qct_vbmd_mg_cm3"]
     rows = read_index(dataset)
-    from xbmd.dataset.hip import load_sample
-
-    arrays, _ = load_sample(dataset / rows[0]["file"])
+    arrays = load_sample(dataset / rows[0]["file"]).arrays
     pred = bundle.predict(arrays["xray"], arrays["valid"])
     assert pred.pf_drr_g_cm2.shape == (1, 64, 64) and pred.pf_drr_g_cm2.min() >= 0
     assert set(pred.targets) == {"ct_abmd_g_cm2", "qct_vbmd_mg_cm3"}

@@ -57,3 +57,31 @@ def jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
     )
     buf.seek(0)
     return np.asarray(Image.open(buf), dtype=np.float32) / 255.0
+
+
+def to_display_uint8(
+    pixels: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5)
+) -> np.ndarray:
+    """An 8-bit preview: clip to the given percentiles of the finite values, then scale to 0-255.
+
+    For looking at, never for measuring. NaN and inf become 0; a constant image becomes 0.
+
+    Parameters
+    ----------
+    pixels : ndarray of shape (rows, cols)
+    percentiles : (float, float)
+        Lower and upper percentiles (0-100) mapped to 0 and 255.
+
+    Returns
+    -------
+    ndarray of uint8, same shape
+    """
+    arr = np.asarray(pixels, dtype=np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return np.zeros(arr.shape, dtype=np.uint8)
+    low, high = np.percentile(arr[finite], percentiles)
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    scaled = np.clip((arr - low) / (high - low), 0.0, 1.0) * 255.0
+    return np.where(finite, np.rint(scaled), 0).astype(np.uint8)

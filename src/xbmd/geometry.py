@@ -183,6 +183,11 @@ class BodyPose:
         """4x4 CT-world -> room matrix."""
         return self.transform.matrix() @ translation_matrix(-np.asarray(self.isocenter_mm))
 
+    def points_to_room(self, points_mm: np.ndarray) -> np.ndarray:
+        """(N, 3) CT-world points (LPS mm) -> (N, 3) room points (mm) under this pose."""
+        m = self.to_room()
+        return np.asarray(points_mm, dtype=float) @ m[:3, :3].T + m[:3, 3]
+
     @property
     def vector(self) -> np.ndarray:
         """(rx, ry, rz, tx, ty, tz) about ``isocenter_mm``, for ``drr.render``."""

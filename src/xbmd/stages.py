@@ -163,18 +163,19 @@ def _init_worker(threads: int) -> None:
 
 def run_cases(
     items: list[T],
-    work: Callable[[T], R],
+    work: Callable[..., R],
     crashed: Callable[[T, BaseException], R],
     workers: int = 1,
     progress: str | None = None,
+    args: tuple = (),
 ) -> Iterator[R]:
-    """Run ``work(item)`` for every item; yields each result as it comes.
+    """Run ``work(item, *args)`` for every item; yields each result as it comes.
 
     ``work`` should not raise (it records its own failures); if it does, or if its worker process
     dies, ``crashed(item, exception)`` stands for its result. With ``workers`` > 1 the items run in
     that many spawned processes of ``cpu_count // workers`` torch threads each; ``work`` must then
-    be a module-level function and the items picklable. ``progress`` is the progress bar's label
-    (None: no bar).
+    be a module-level function and the items and ``args`` picklable. ``progress`` is the progress
+    bar's label (None: no bar).
     """
     from tqdm import tqdm
 
@@ -184,7 +185,7 @@ def run_cases(
         if workers == 1:
             for item in items:
                 try:
-                    result = work(item)
+                    result = work(item, *args)
                 except Exception as exc:  # a bug in one case must not stop the others
                     result = crashed(item, exc)
                 bar.update()
@@ -194,7 +195,7 @@ def run_cases(
         with ProcessPoolExecutor(
             workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
         ) as pool:
-            futures = {pool.submit(work, item): item for item in items}
+            futures = {pool.submit(work, item, *args): item for item in items}
             for future in as_completed(futures):
                 try:
                     result = future.result()

@@ -65,7 +65,8 @@ def main(
         from tqdm import tqdm
 
         from xbmd.errors import XbmdError
-        from xbmd.estimation.estimator import Estimator, summary_line, write_csv
+        from xbmd.estimation.estimator import Estimator
+        from xbmd.estimation.output import summary_line, write_csv, write_results
 
         estimator = Estimator(model, reference=reference.value)
         names = _folder_names(images)
@@ -76,7 +77,7 @@ def main(
                 found = estimator.estimate(
                     path, pixel_spacing, unilateral.value if unilateral else None
                 )
-                estimator.write(found, out, name)
+                write_results(found, out, name)
             except XbmdError as exc:
                 failures.append({"image": str(path), "error": str(exc)})
                 tqdm.write(f"error: {exc}", file=_stderr())

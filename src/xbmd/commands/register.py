@@ -68,14 +68,11 @@ def main(
         from xbmd.dataset.manifest import parse_label_map
         from xbmd.io.ct import read_ct, read_labels
         from xbmd.io.xray import read_xray
-        from xbmd.registration.optimise import (
-            RegistrationSettings,
-            build_scene,
-            read_poses,
-            register,
-            xray_geometry,
-        )
+        from xbmd.registration.optimise import RegistrationSettings
         from xbmd.registration.overlay import write_registration_overlay
+        from xbmd.registration.result import read_poses
+        from xbmd.registration.scene import build_scene
+        from xbmd.registration.xray import register_xray
 
         t0 = time.perf_counter()
         volume = read_ct(ct)
@@ -85,23 +82,20 @@ def main(
         lm = read_landmarks(landmarks) if landmarks else None
         scene = build_scene(volume, lab, parse_label_map(label_map, "--label-map"), lm)
         image = read_xray(xray, pixel_spacing)
-        geometry, warnings = xray_geometry(image)
         settings = RegistrationSettings(
             similarity=similarity.value, strategy=strategy.value, seed=seed
         )
         start = read_poses(init, xray) if init else None
         typer.echo(f"registering {xray.name}: ", nl=False)
-        result = register(
+        result = register_xray(
             scene,
-            image.pixels,
-            geometry,
+            image,
             settings=settings,
             init=start,
             progress=lambda name: typer.echo(f"{name}... ", nl=False),
         )
         typer.echo("done")
-        result.xray, result.ct = str(xray), str(ct)
-        result.warnings = list(image.warnings) + warnings
+        result.ct = str(ct)
         out.parent.mkdir(parents=True, exist_ok=True)
         result.write(out)
         png = overlay or out.with_suffix(".png")

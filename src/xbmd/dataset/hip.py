@@ -10,9 +10,7 @@ radiograph. ``xbmd prepare`` builds training samples with it, and the estimator 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -363,16 +361,4 @@ def make_sample(
         "pf_area_px": int(mask.sum()),
         "pf_valid_fraction": round(in_view, 5),
     }
-    return arrays, meta
-
-
-def load_sample(path: str | Path) -> tuple[dict[str, np.ndarray], dict]:
-    """A sample's arrays (``.npz``) and its sidecar metadata (``.json``, same name)."""
-    path = Path(path).with_suffix(".npz")
-    try:
-        with np.load(path) as data:
-            arrays = {k: data[k] for k in data.files}
-        meta = json.loads(path.with_suffix(".json").read_text())
-    except FileNotFoundError as exc:
-        raise InputError(f"{exc.filename}: no such sample file") from None
     return arrays, meta

@@ -1,7 +1,7 @@
 """``xbmd prepare``: turn a case manifest into a training set of hip crops.
 
-For every radiograph of every case and both hips, a sample holds (docs/data-format.md,
-"Training dataset"):
+For every radiograph of every case and both hips, a sample holds (the format:
+``xbmd.dataset.format``; docs/data-format.md, "Training dataset"):
 
 - the radiograph resampled onto a fixed physical field of the detector around the hip (the
   *hip crop*: ``CROP_SIZE_PX`` x ``CROP_SIZE_PX`` pixels of ``CROP_PIXEL_MM`` detector mm, the
@@ -14,134 +14,63 @@ For every radiograph of every case and both hips, a sample holds (docs/data-form
 - everything needed to go back to the radiograph: the crop -> image affine, the mirror flag, the
   crop's geometry, the poses.
 
-Left hips are mirrored (columns flipped) so that every sample looks like a right hip.
+Left hips are mirrored (columns flipped) so that every sample looks like a right hip. Each
+radiograph is also stored whole, reduced, for the localiser's training (the dataset is
+self-contained).
 
-The build is resumable (finished samples and registrations are kept), runs cases in parallel, and
-records every failure with its stage and reason instead of stopping.
+The build is resumable (finished samples and registrations are kept), runs cases in parallel
+(``xbmd.stages``), and records every failure with its stage and reason instead of stopping.
+Samples remember the fingerprint of their inputs (``xbmd.dataset.case.case_fingerprint`` and the
+radiograph's bytes): a sample or registration made from other inputs is made again, and the
+samples of radiographs or cases no longer in the manifest are removed. A DICOM radiograph whose
+Patient ID differs from the case's ``patient_id`` is refused (another patient's image).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
-import os
-import re
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from multiprocessing import get_context
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from xbmd import __version__, units
-from xbmd.ct.calibration import (
-    Calibration,
-    load_phantom,
-    phantom_calibration,
-    phantomless_calibration,
+from xbmd import __version__
+from xbmd.ct.femur import SILHOUETTE_CHORD_MM
+from xbmd.dataset.case import CaseData, case_fingerprint, file_digest, load_case
+from xbmd.dataset.format import (
+    DATASET_ENTRIES,
+    DATASET_FORMAT,
+    DATASET_FORMAT_VERSION,
+    FAILURE_COLUMNS,
+    INDEX_COLUMNS,
+    SAMPLE_ARRAYS,
+    SAMPLE_FORMAT,
+    SAMPLE_FORMAT_VERSION,
+    index_rows,
+    radiograph_arrays,
 )
-from xbmd.ct.femur import SILHOUETTE_CHORD_MM, measure_femur
-from xbmd.ct.landmarks import FemurLandmarks, read_landmarks
-from xbmd.dataset.hip import (
-    CROP_PIXEL_MM,
-    CROP_SIZE_PX,
-    HEAD_POSITION,
-    HipBodies,
-    hip_bodies,
-    make_sample,
-)
+from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, make_sample
 from xbmd.dataset.manifest import ManifestCase, read_manifest
-from xbmd.drr import volume_values
-from xbmd.errors import GeometryError, InputError, XbmdError
-from xbmd.geometry import SIDES, BodyPose, PerspectiveGeometry, rounded
-from xbmd.io.ct import read_ct, read_labels
-from xbmd.io.xray import read_xray
-from xbmd.registration.optimise import (
-    RegistrationSettings,
-    build_scene,
-    read_poses,
-    register,
-    xray_geometry,
+from xbmd.errors import InputError, XbmdError
+from xbmd.geometry import SIDES, rounded
+from xbmd.io.xray import XRay, read_xray
+from xbmd.registration.optimise import RegistrationSettings
+from xbmd.registration.xray import XrayPoses, known_poses, register_xray, saved_registration
+from xbmd.stages import (
+    CaseLog,
+    claim_folder,
+    run_cases,
+    safe_name,
+    write_csv,
+    write_json,
+    write_npz,
 )
-from xbmd.volume import Volume
-
-#: What a dataset folder holds (anything else there: not a dataset, refused).
-DATASET_ENTRIES = ("samples", "registrations", "logs", "index.csv", "failures.csv", "prepare.json")
-SAMPLE_FORMAT = "xbmd-training-sample"
-DATASET_FORMAT = "xbmd-training-set"
-#: The labels of a sample, in its sidecar's ``labels`` and in the index.
-LABEL_COLUMNS = (
-    "qct_vbmd_mg_cm3",
-    "ct_abmd_g_cm2",
-    "neck_abmd_g_cm2",
-    "bmd_drr_g_cm2",
-    "dxa_total_hip_g_cm2",
-    "dxa_neck_g_cm2",
-)
-INDEX_COLUMNS = (
-    "sample_id",
-    "case_id",
-    "patient_id",
-    "xray",
-    "side",
-    "mirrored",
-    "file",
-    *LABEL_COLUMNS,
-    "pose_source",
-    "registration_quality",
-    "similarity",
-    "age_years",
-    "sex",
-    "head_row",
-    "head_col",
-    "pf_valid_fraction",
-)
-FAILURE_COLUMNS = ("case_id", "xray", "side", "stage", "error")
-
 
 # ------------------------------------------------------------------------------------------------
-# The CT side: calibration and labels
-
-
-def calibrate_case(case: ManifestCase, ct: Volume, labels: Volume) -> Calibration:
-    """The HU -> mg/cm3 calibration the manifest asks for (as ``xbmd calibrate`` makes it).
-
-    ``phantom``: rods labelled in ``labels``, densities from the phantom JSON or bundled name;
-    ``line``: the manifest's slope and intercept; ``phantomless``: air, fat and muscle found
-    automatically, at the manifest's kVp (else the CT's, else 120 kVp).
-    """
-    if case.calibration == "line":
-        slope, intercept = case.calibration_line
-        return Calibration.given(
-            slope, intercept, note=f"line given in the manifest for {case.case_id}"
-        )
-    if case.calibration == "phantom":
-        return phantom_calibration(ct, labels, load_phantom(case.phantom))
-    if case.calibration == "phantomless":
-        return phantomless_calibration(ct, kvp=case.kvp)
-    raise InputError(f"case {case.case_id}: unknown calibration {case.calibration!r}")
-
-
-def side_labels(
-    density: Volume, labels: Volume, label_map: dict[str, int], landmarks: FemurLandmarks
-) -> dict:
-    """The CT labels of one femur (``xbmd.ct.femur.FemurBmd`` as a dict: g/cm2, mg/cm3, cm2,
-    cm3)."""
-    side = landmarks.side
-    bone = f"femur_{side}"
-    if bone not in label_map:
-        raise InputError(f"the label map {label_map} names no {bone}")
-    return measure_femur(density, labels, label_map[bone], landmarks).to_dict()
-
-
-# ------------------------------------------------------------------------------------------------
-# Building a dataset: one case at a time, every failure recorded with its stage
+# One case at a time, every failure recorded with its stage
 
 
 @dataclass(frozen=True)
@@ -182,21 +111,6 @@ def _naming(message: str, path: Path | str | None) -> str:
     return f"{path}: {message}"
 
 
-class _CaseLog:
-    """Append-only log of one case, ``DATASET/logs/<case_id>.log``."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
-
-    def __call__(self, message: str) -> None:
-        self._file.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 @dataclass
 class _CaseReport:
     """What happened to one case in this run (returned by the worker)."""
@@ -210,7 +124,7 @@ class _CaseReport:
     registrations_reused: int = 0
     seconds: float = 0.0
 
-    def fail(self, xray: str, side: str, failure: _Failed, samples: int, log: _CaseLog) -> None:
+    def fail(self, xray: str, side: str, failure: _Failed, samples: int, log: CaseLog) -> None:
         self.failed += samples
         self.failures.append(
             {
@@ -227,66 +141,10 @@ class _CaseReport:
             log(failure.detail.rstrip())
 
 
-@dataclass
-class _CaseData:
-    """A case's calibrated CT and what is derived from it once (labels, bodies, scene)."""
-
-    case: ManifestCase
-    ct: Volume  # HU: the registration renders bones as the radiograph sees them
-    density: Volume
-    labels: Volume
-    calibration: Calibration
-    landmarks: dict[str, FemurLandmarks]
-    _labels: dict = field(default_factory=dict)
-    _bodies: dict = field(default_factory=dict)
-    _scene: object = None
-
-    def femur_landmarks(self, side: str) -> FemurLandmarks:
-        if side not in self.landmarks:
-            raise InputError(f"{self.case.landmarks}: no {side} femur landmarks")
-        return self.landmarks[side]
-
-    def side_labels(self, side: str) -> dict:
-        if side not in self._labels:
-            lm = self.femur_landmarks(side)
-            self._labels[side] = side_labels(self.density, self.labels, self.case.label_map, lm)
-        return self._labels[side]
-
-    def bodies(self, side: str) -> HipBodies:
-        if side not in self._bodies:
-            lm = self.femur_landmarks(side)
-            self._bodies[side] = hip_bodies(self.density, self.labels, self.case.label_map, lm)
-        return self._bodies[side]
-
-    def scene(self):
-        if self._scene is None:
-            self._scene = build_scene(self.ct, self.labels, self.case.label_map, self.landmarks)
-        return self._scene
-
-
-@dataclass
-class _XrayPoses:
-    """The bones' poses in one radiograph, with where they came from and how good they are."""
-
-    poses: dict[str, BodyPose]
-    geometry: PerspectiveGeometry
-    source: str  # 'registered' or 'known'
-    file: str
-    quality: dict[str, str] = field(default_factory=dict)  # body -> 'good' | 'flagged'
-    similarity: dict[str, float] = field(default_factory=dict)
-    reasons: dict[str, list[str]] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-
-
-def _safe(name: str) -> str:
-    """A file-name-safe version of an id."""
-    return re.sub(r"[^\w.-]", "_", name)
-
-
 def _xray_keys(xrays: list[Path]) -> list[str]:
     """One file-name key per radiograph: its stem, or its whole name where stems repeat."""
     stems = [x.stem for x in xrays]
-    return [_safe(x.stem if stems.count(x.stem) == 1 else x.name) for x in xrays]
+    return [safe_name(x.stem if stems.count(x.stem) == 1 else x.name) for x in xrays]
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -297,64 +155,56 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def _sample_path(out: Path, case_id: str, key: str, side: str) -> Path:
-    return out / "samples" / _safe(case_id) / f"{key}_{side}.npz"
+    return out / "samples" / safe_name(case_id) / f"{key}_{side}.npz"
 
 
-def _is_done(npz: Path) -> bool:
-    return npz.exists() and npz.with_suffix(".json").exists()
-
-
-def _write_atomic(path: Path, write) -> None:
-    """``write(tmp)`` to a hidden temporary file, then rename: no half-written files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+def _sample_inputs(npz: Path) -> dict | None:
+    """The ``inputs`` fingerprints of a finished sample (None: not finished or unreadable)."""
+    sidecar = npz.with_suffix(".json")
+    if not (npz.exists() and sidecar.exists()):
+        return None
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        import json
 
-
-def _write_json(path: Path, doc: dict) -> None:
-    _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=1), encoding="utf-8"))
-
-
-def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.savez_compressed(f, **arrays)
-
-    _write_atomic(path, write)
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("inputs", {})
+    except (OSError, ValueError):
+        return None
 
 
 def _prepare_case(case: ManifestCase, options: _Options) -> _CaseReport:
-    """Worker: every missing sample of one case. Never raises; failures are in the report."""
+    """Worker: every missing or outdated sample of one case. Never raises."""
     t0 = time.perf_counter()
     report = _CaseReport(case.case_id)
-    log = _CaseLog(options.out / "logs" / f"{_safe(case.case_id)}.log")
-    try:
-        _run_case(case, options, report, log)
-    except Exception as exc:  # a bug in one case must not stop the others
-        failure = _Failed("case", f"{type(exc).__name__}: {exc}", traceback.format_exc())
-        report.fail("", "", failure, 0, log)
-    finally:
+    with CaseLog(options.out / "logs" / f"{safe_name(case.case_id)}.log") as log:
+        try:
+            _run_case(case, options, report, log)
+        except Exception as exc:  # a bug in one case must not stop the others
+            failure = _Failed("case", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+            report.fail("", "", failure, 0, log)
         report.seconds = time.perf_counter() - t0
         log(
             f"done in {report.seconds:.1f} s: {report.written} written, {report.skipped} "
             f"already there, {report.failed} failed"
         )
-        log.close()
     return report
 
 
-def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: _CaseLog) -> None:
+def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: CaseLog) -> None:
     keys = _xray_keys(case.xrays)
-    todo = {
-        (key, side)
-        for key in keys
-        for side in SIDES
-        if not _is_done(_sample_path(options.out, case.case_id, key, side))
-    }
+    case_fp = case_fingerprint(case)
+    xray_fps = {key: file_digest(x) for key, x in zip(keys, case.xrays, strict=True)}
+    todo = set()
+    for key in keys:
+        for side in SIDES:
+            npz = _sample_path(options.out, case.case_id, key, side)
+            inputs = _sample_inputs(npz)
+            if inputs == {"case": case_fp, "xray": xray_fps[key]}:
+                continue
+            if inputs is not None:  # made from other inputs: never keep it
+                log(f"{key} {side}: inputs changed since the sample was made: made again")
+                npz.unlink(missing_ok=True)
+                npz.with_suffix(".json").unlink(missing_ok=True)
+            todo.add((key, side))
     report.skipped = len(keys) * len(SIDES) - len(todo)
     poses = "known poses" if options.use_known_poses else "registration"
     log(f"prepare {case.case_id}: {len(todo)} samples to make ({poses}), {report.skipped} there")
@@ -365,14 +215,15 @@ def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: _
     except _Failed as failure:
         report.fail("", "", failure, len(todo), log)
         return
+    fingerprints = {"case": case_fp}
     for xray_path, key in zip(case.xrays, keys, strict=True):
         sides = [s for s in SIDES if (key, s) in todo]
         if sides:
-            _prepare_xray(data, xray_path, key, sides, options, report, log)
+            prints = fingerprints | {"xray": xray_fps[key]}
+            _prepare_xray(data, xray_path, key, sides, prints, options, report, log)
 
 
-def _load_case(case: ManifestCase, options: _Options, log: _CaseLog) -> _CaseData:
-    """Landmarks, CT, label map, calibration and the density volume (mg/cm3) of a case."""
+def _load_case(case: ManifestCase, options: _Options, log: CaseLog) -> CaseData:
     if case.landmarks is None:
         raise _Failed(
             "landmarks",
@@ -385,49 +236,65 @@ def _load_case(case: ManifestCase, options: _Options, log: _CaseLog) -> _CaseDat
             f"case {case.case_id}: known poses were asked for, but its known_poses column is empty",
         )
     t0 = time.perf_counter()
-    with _stage("landmarks", case.landmarks):
-        landmarks = read_landmarks(case.landmarks)
-    with _stage("ct", case.ct):
-        ct = read_ct(case.ct)
-    with _stage("labels", case.labels):
-        labels = read_labels(case.labels, reference=ct)
-    with _stage("calibration", case.ct):
-        calibration = calibrate_case(case, ct, labels)
-        density = ct.with_data(volume_values(ct, "density", calibration), unit=units.MG_CM3)
+    data = load_case(case, _stage)
+    cal = data.calibration
     log(
-        f"CT {ct.shape} voxels of {rounded(ct.spacing_mm, 3)} mm read and calibrated in "
-        f"{time.perf_counter() - t0:.1f} s: {calibration.method}, density_mg_cm3 = "
-        f"{calibration.slope_mg_cm3_per_hu:.5f} * HU + {calibration.intercept_mg_cm3:.2f}"
+        f"CT {data.ct.shape} voxels of {rounded(data.ct.spacing_mm, 3)} mm read and calibrated in "
+        f"{time.perf_counter() - t0:.1f} s: {cal.method}, density_mg_cm3 = "
+        f"{cal.slope_mg_cm3_per_hu:.5f} * HU + {cal.intercept_mg_cm3:.2f}"
     )
-    return _CaseData(case, ct, density, labels, calibration, landmarks)
+    return data
+
+
+def _check_patient(xray: XRay, case: ManifestCase, log: CaseLog) -> str:
+    """'same', or 'unknown' with a log line; _Failed when the file names another patient."""
+    found = xray.meta.get("patient_id")
+    if found is None:
+        log(f"{Path(str(xray.source)).name}: the file records no Patient ID: ownership not checked")
+        return "unknown"
+    if str(found).strip() != str(case.patient_id).strip():
+        raise _Failed(
+            "xray",
+            f"{xray.source}: Patient ID {found!r} in the file differs from the case's patient_id "
+            f"{case.patient_id!r}: another patient's radiograph? (fix the manifest's xrays column)",
+        )
+    return "same"
 
 
 def _prepare_xray(
-    data: _CaseData,
+    data: CaseData,
     xray_path: Path,
     key: str,
     sides: list[str],
+    prints: dict,
     options: _Options,
     report: _CaseReport,
-    log: _CaseLog,
+    log: CaseLog,
 ) -> None:
-    """Read one radiograph, find its poses, and write its samples of ``sides``."""
+    """Read one radiograph, check it, find its poses, and write its samples of ``sides``."""
     xray_name = _relative(xray_path, options.manifest_root)
     try:
         with _stage("xray", xray_path):
             xray = read_xray(xray_path)
+        patient = _check_patient(xray, data.case, log)
         log(
             f"{key}: {xray.pixels.shape} pixels of {xray.pixel_spacing_mm} mm"
             + (f"; warnings: {'; '.join(xray.warnings)}" if xray.warnings else "")
         )
-        poses = _xray_poses(data, xray, xray_path, key, options, report, log)
+        radiograph = options.out / "radiographs" / safe_name(data.case.case_id) / f"{key}.npz"
+        with _stage("write", radiograph):
+            write_npz(radiograph, radiograph_arrays(xray.pixels))
+        poses = _xray_poses(data, xray, xray_path, key, prints, options, report, log)
     except _Failed as failure:
         report.fail(xray_name, "", failure, len(sides), log)
         return
     for side in sides:
         t0 = time.perf_counter()
         try:
-            _write_sample(data, xray, xray_path, key, side, poses, options)
+            doc = _sample_doc(data, xray, xray_path, key, side, poses, options)
+            doc |= {"inputs": prints, "patient_check": patient}
+            doc["radiograph"] = radiograph.relative_to(options.out).as_posix()
+            _write_sample(data, xray, key, side, poses, options, doc)
         except _Failed as failure:
             report.fail(xray_name, side, failure, 1, log)
             continue
@@ -436,108 +303,47 @@ def _prepare_xray(
 
 
 def _xray_poses(
-    data: _CaseData,
-    xray,
+    data: CaseData,
+    xray: XRay,
     xray_path: Path,
     key: str,
+    prints: dict,
     options: _Options,
     report: _CaseReport,
-    log: _CaseLog,
-) -> _XrayPoses:
-    """Known poses, a registration saved by an earlier run, or a new registration."""
+    log: CaseLog,
+) -> XrayPoses:
+    """Known poses, a registration saved earlier (by this stage from the same inputs, or by
+    ``xbmd register`` beforehand), or a new registration."""
+    import json
+
     case = data.case
     if options.use_known_poses:
         with _stage("poses", case.known_poses):
-            return _known_poses(case.known_poses, xray, xray_path)
-    path = options.out / "registrations" / _safe(case.case_id) / f"{key}.json"
+            return known_poses(case.known_poses, xray, xray_path)
+    path = options.out / "registrations" / safe_name(case.case_id) / f"{key}.json"
     file = path.relative_to(options.out).as_posix()
     if path.exists():
         with _stage("registration", path):
-            result = _saved_registration(path, xray, file)
-        report.registrations_reused += 1
-        log(f"{key}: registration reused from {file} ({_quality_text(result)})")
-        return result
+            made_from = json.loads(path.read_text(encoding="utf-8")).get("inputs")
+            if made_from in (None, prints):  # None: made beforehand by the user, welcome
+                result = saved_registration(path, xray, file)
+                report.registrations_reused += 1
+                log(f"{key}: registration reused from {file} ({result.quality_text()})")
+                return result
+            log(f"{key}: inputs changed since {file} was registered: registered again")
     with _stage("registration", xray_path):
         t0 = time.perf_counter()
-        geometry, warnings = xray_geometry(xray)
-        reg = register(data.scene(), xray.pixels, geometry, settings=options.settings)
-        reg.xray, reg.ct = str(xray_path), str(case.ct)
-        reg.warnings = [*reg.warnings, *warnings]
-        _write_atomic(path, reg.write)
+        reg = register_xray(data.scene(), xray, settings=options.settings)
+        reg.ct = str(case.ct)
+        write_json(path, reg.to_dict() | {"inputs": prints})
         report.registrations_run += 1
-        result = _saved_registration(path, xray, file)
-    log(f"{key}: registered in {time.perf_counter() - t0:.1f} s ({_quality_text(result)})")
+        result = saved_registration(path, xray, file)
+    log(f"{key}: registered in {time.perf_counter() - t0:.1f} s ({result.quality_text()})")
     return result
 
 
-def _quality_text(poses: _XrayPoses) -> str:
-    return ", ".join(
-        f"{n} {poses.quality[n]} {poses.similarity.get(n, float('nan')):.3f}"
-        + (f" [{'; '.join(poses.reasons[n])}]" if poses.reasons.get(n) else "")
-        for n in poses.poses
-    )
-
-
-def _saved_registration(path: Path, xray, file: str) -> _XrayPoses:
-    """An ``xbmd register`` JSON (Registration.write) read back, with each body's quality."""
-    doc = json.loads(path.read_text())
-    bodies = doc.get("poses", {})
-    return _XrayPoses(
-        poses=read_poses(path),
-        geometry=_geometry_of(doc, xray, path),
-        source="registered",
-        file=file,
-        quality={n: b.get("quality", "good") for n, b in bodies.items()},
-        similarity={n: float(b["similarity"]) for n, b in bodies.items() if "similarity" in b},
-        reasons={n: list(b.get("reasons", [])) for n, b in bodies.items()},
-        warnings=list(doc.get("warnings", [])),
-    )
-
-
-def _known_poses(path: Path, xray, xray_path: Path) -> _XrayPoses:
-    """Known poses of one radiograph (a virtual case's truth.json, or a registration JSON).
-
-    The poses hold in the geometry stored with them, when there is one (the truth's exact SOD
-    and principal point), else in the geometry of the radiograph's file.
-    """
-    poses = read_poses(path, xray=xray_path)
-    doc = json.loads(Path(path).read_text())
-    if "xrays" in doc:  # truth.json: the entry of this radiograph (read_poses found it)
-        name = Path(xray_path).name
-        doc = next(e for e in doc["xrays"] if name in (e.get("dicom"), e.get("png"), e.get("name")))
-    return _XrayPoses(
-        poses=poses,
-        geometry=_geometry_of(doc, xray, path),
-        source="known",
-        file=str(path),
-        quality={n: "known" for n in poses},
-    )
-
-
-def _geometry_of(doc: dict, xray, path: Path) -> PerspectiveGeometry:
-    """The geometry stored in a poses document, checked against the radiograph's size."""
-    if "geometry" not in doc:
-        return xray_geometry(xray)[0]
-    try:
-        geometry = PerspectiveGeometry.from_dict(doc["geometry"])
-    except (GeometryError, TypeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable geometry ({exc})") from None
-    if tuple(geometry.size_px) != tuple(xray.pixels.shape):
-        raise InputError(
-            f"{path}: its geometry is {geometry.size_px[0]} x {geometry.size_px[1]} pixels but the "
-            f"X-ray {xray.source} has {xray.pixels.shape[0]} x {xray.pixels.shape[1]}"
-        )
-    return geometry
-
-
 def _write_sample(
-    data: _CaseData,
-    xray,
-    xray_path: Path,
-    key: str,
-    side: str,
-    poses: _XrayPoses,
-    options: _Options,
+    data: CaseData, xray: XRay, key: str, side: str, poses: XrayPoses, options: _Options, doc: dict
 ) -> None:
     """Make one sample and write its ``.npz`` and then its ``.json`` (which marks it done)."""
     case = data.case
@@ -554,7 +360,7 @@ def _write_sample(
         raise _Failed("registration", "untrustworthy registration: " + "; ".join(flagged))
     with _stage("labels", case.ct):
         labels = data.side_labels(side)
-    with _stage("render", xray_path):
+    with _stage("render", xray.source):
         arrays, meta = make_sample(
             data.bodies(side),
             xray.pixels,
@@ -563,37 +369,19 @@ def _write_sample(
             poses.poses[f"femur_{side}"],
         )
     npz = _sample_path(options.out, case.case_id, key, side)
-    doc = _sample_doc(data, xray, xray_path, key, side, poses, options, labels, meta)
+    doc |= _sample_meta(labels, meta, case.dxa_g_cm2, side)
     doc["file"] = npz.relative_to(options.out).as_posix()
     doc["quality"] = "flagged" if flagged else poses.quality.get(f"femur_{side}", "good")
     doc["registration"]["reasons"] = flagged
     with _stage("write", npz):
-        _write_npz(npz, arrays)
-        _write_json(npz.with_suffix(".json"), doc)
+        write_npz(npz, arrays)
+        write_json(npz.with_suffix(".json"), doc)
 
 
-def _sample_doc(data, xray, xray_path, key, side, poses, options, labels, meta) -> dict:
-    """The sidecar JSON of one sample: everything but the arrays."""
-    case = data.case
-    sims = [poses.similarity[n] for n in ("pelvis", f"femur_{side}") if n in poses.similarity]
-    dxa = case.dxa_g_cm2
+def _sample_meta(labels: dict, meta: dict, dxa: dict, side: str) -> dict:
+    """The parts of a sidecar that come from rendering the sample."""
     return {
-        "format": SAMPLE_FORMAT,
-        "format_version": 1,
-        "xbmd_version": __version__,
-        "sample_id": f"{case.case_id}/{key}_{side}",
-        "case_id": case.case_id,
-        "patient_id": case.patient_id,
-        "xray": _relative(xray_path, options.manifest_root),
-        "side": side,
         "mirrored": meta["crop"]["mirrored"],
-        "arrays": {
-            "xray": "float32, the radiograph's values as read (bone bright), 0 where not valid",
-            "valid": "bool, crop pixel inside the radiograph and its collimated field",
-            "bone_drr_g_cm2": "float32, hemipelvis + femur, g/cm2",
-            "pf_drr_g_cm2": "float32, proximal femur, g/cm2, 0 outside pf_mask",
-            "pf_mask": f"bool, proximal-femur chord > {SILHOUETTE_CHORD_MM} mm",
-        },
         "labels": {
             "qct_vbmd_mg_cm3": labels["qct_vbmd_mg_cm3"],
             "ct_abmd_g_cm2": labels["ct_abmd_g_cm2"],
@@ -606,11 +394,29 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options, labels, meta) 
             "pf_volume_cm3": labels["pf_volume_cm3"],
         },
         "crop": meta["crop"] | {"head_position": list(HEAD_POSITION)},
-        "image_geometry": poses.geometry.to_dict(),
         "landmarks_px": meta["landmarks_px"],
         "landmarks_image_px": meta["landmarks_image_px"],
         "pf_area_px": meta["pf_area_px"],
         "pf_valid_fraction": meta["pf_valid_fraction"],
+    }
+
+
+def _sample_doc(data, xray, xray_path, key, side, poses, options) -> dict:
+    """The sidecar JSON of one sample, before rendering: provenance, poses, patient."""
+    case = data.case
+    sims = [poses.similarity[n] for n in ("pelvis", f"femur_{side}") if n in poses.similarity]
+    return {
+        "format": SAMPLE_FORMAT,
+        "format_version": SAMPLE_FORMAT_VERSION,
+        "xbmd_version": __version__,
+        "sample_id": f"{case.case_id}/{key}_{side}",
+        "case_id": case.case_id,
+        "patient_id": case.patient_id,
+        "xray": _relative(xray_path, options.manifest_root),
+        "side": side,
+        "arrays": SAMPLE_ARRAYS
+        | {"pf_mask": f"bool, proximal-femur chord > {SILHOUETTE_CHORD_MM} mm"},
+        "image_geometry": poses.geometry.to_dict(),
         "poses": {
             "pelvis": poses.poses["pelvis"].to_dict(),
             "femur": poses.poses[f"femur_{side}"].to_dict(),
@@ -633,76 +439,59 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options, labels, meta) 
 
 
 # ------------------------------------------------------------------------------------------------
-# The index, the failures and the summary
+# The whole dataset
 
 
-def _index_row(doc: dict) -> dict:
-    """One row of index.csv from a sample's sidecar JSON."""
-    labels, reg = doc["labels"], doc["registration"]
-    head = doc["landmarks_px"]["head_center_px"]
-    return {
-        "sample_id": doc["sample_id"],
-        "case_id": doc["case_id"],
-        "patient_id": doc["patient_id"],
-        "xray": doc["xray"],
-        "side": doc["side"],
-        "mirrored": doc["mirrored"],
-        "file": doc["file"],
-        **{k: labels[k] for k in LABEL_COLUMNS},
-        "pose_source": reg["pose_source"],
-        "registration_quality": doc["quality"],
-        "similarity": reg["similarity"],
-        "age_years": doc["patient"]["age_years"],
-        "sex": doc["patient"]["sex"],
-        "head_row": round(head[0], 3),
-        "head_col": round(head[1], 3),
-        "pf_valid_fraction": doc["pf_valid_fraction"],
-    }
+def _duplicates(cases: list[ManifestCase]) -> list[dict]:
+    """Radiographs listed twice (in one case or in two): failures of the later listings."""
+    seen: dict[Path, str] = {}
+    failures = []
+    for case in cases:
+        for x in case.xrays:
+            key = Path(x).resolve()
+            if key in seen:
+                failures.append(
+                    {
+                        "case_id": case.case_id,
+                        "xray": str(x),
+                        "side": "",
+                        "stage": "manifest",
+                        "error": f"{x}: listed twice (first in case {seen[key]}); this listing "
+                        "is skipped",
+                    }
+                )
+            else:
+                seen[key] = case.case_id
+    return failures
 
 
-def _write_index(out: Path) -> list[dict]:
-    """Rebuild ``index.csv`` from every finished sample's JSON; returns the rows."""
-    rows = []
-    for path in sorted((out / "samples").glob("*/*.json")):
-        if path.with_suffix(".npz").exists():
-            rows.append(_index_row(json.loads(path.read_text())))
-    rows.sort(key=lambda r: r["sample_id"])
-    _write_csv(out / "index.csv", INDEX_COLUMNS, rows)
-    return rows
+def _without_duplicates(cases: list[ManifestCase], failures: list[dict]) -> list[ManifestCase]:
+    drop = {(f["case_id"], str(f["xray"])) for f in failures}
+    out = []
+    for case in cases:
+        xrays = [x for x in case.xrays if (case.case_id, str(x)) not in drop]
+        if xrays:
+            out.append(ManifestCase(**{**case.__dict__, "xrays": xrays}))
+    return out
 
 
-def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
-
-    _write_atomic(path, write)
-
-
-def _check_dataset(out: Path, dataset_settings: dict) -> None:
-    """Refuse to mix training sets: a folder already used must have the same settings."""
-    meta = out / "prepare.json"
-    if meta.exists():
-        old = json.loads(meta.read_text()).get("dataset_settings")
-        if old != dataset_settings:
-            raise InputError(
-                f"{out} holds a training set made with other settings ({old} here, "
-                f"{dataset_settings} asked); choose an empty folder or the same settings"
-            )
-    elif out.exists() and any(p.name not in DATASET_ENTRIES for p in out.iterdir()):
-        # registrations/ made beforehand (xbmd register) are welcome: they are reused
-        raise InputError(f"{out} holds other files and no prepare.json; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    if not meta.exists():
-        started = {"format": DATASET_FORMAT, "status": "running"}
-        _write_json(meta, started | {"dataset_settings": dataset_settings})
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
+def _remove_stale(out: Path, cases: list[ManifestCase]) -> int:
+    """Remove samples, radiographs and registrations of radiographs no longer in the manifest;
+    returns the count of samples removed."""
+    wanted = {(safe_name(c.case_id), key) for c in cases for key in _xray_keys(c.xrays)}
+    removed = 0
+    for folder in ("samples", "radiographs", "registrations"):
+        for path in sorted((out / folder).glob("*/*")):
+            key = path.stem.rsplit("_", 1)[0] if folder == "samples" else path.stem
+            if (path.parent.name, key) in wanted or path.name.startswith("."):
+                continue
+            if folder == "samples" and path.suffix == ".npz":
+                removed += 1
+            path.unlink()
+        for case_dir in (out / folder).glob("*"):
+            if case_dir.is_dir() and not any(case_dir.iterdir()):
+                shutil.rmtree(case_dir)
+    return removed
 
 
 def prepare_dataset(
@@ -731,8 +520,9 @@ def prepare_dataset(
     Returns
     -------
     dict, the summary also written to ``out_dir/prepare.json``: counts (``samples_written``,
-    ``samples_skipped``, ``samples_failed``, ``samples_in_index``, ...), ``seconds``,
-    ``samples_per_minute``, ``failures`` (as in ``failures.csv``), settings and xbmd version.
+    ``samples_skipped``, ``samples_failed``, ``samples_removed``, ``samples_in_index``, ...),
+    ``seconds``, ``samples_per_minute``, ``failures`` (as in ``failures.csv``), settings and
+    xbmd version.
 
     Examples
     --------
@@ -740,8 +530,6 @@ def prepare_dataset(
     >>> s["samples_written"], s["samples_failed"]  # doctest: +SKIP
     (40, 0)
     """
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     manifest_path, out = Path(manifest_path), Path(out_dir)
     if workers < 1:
@@ -749,65 +537,67 @@ def prepare_dataset(
     cases = read_manifest(manifest_path)
     settings = settings or RegistrationSettings()
     dataset_settings = {
+        "format_version": DATASET_FORMAT_VERSION,
         "crop_size_px": CROP_SIZE_PX,
         "crop_pixel_mm": CROP_PIXEL_MM,
         "head_position": list(HEAD_POSITION),
         "pose_source": "known" if use_known_poses else "registered",
         "similarity": None if use_known_poses else settings.similarity,
     }
-    _check_dataset(out, dataset_settings)
+    claim_folder(out, "prepare.json", DATASET_FORMAT, dataset_settings, DATASET_ENTRIES)
+    duplicates = _duplicates(cases)
+    cases = _without_duplicates(cases, duplicates)
+    removed = _remove_stale(out, cases)
     options = _Options(out, manifest_path.parent.resolve(), use_known_poses, keep_flagged, settings)
-    workers = min(workers, len(cases))
+    workers = min(workers, max(len(cases), 1))
     reports: list[_CaseReport] = []
-    bar = tqdm(total=len(cases), desc="prepare", unit="case", disable=not progress)
-    if workers == 1:
-        for case in cases:
-            reports.append(_prepare_case(case, options))
-            bar.update()
-    else:
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(
-            workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
-        ) as pool:
-            futures = {pool.submit(_prepare_case, case, options): case for case in cases}
-            for future in as_completed(futures):
-                reports.append(_result_or_crash(future, futures[future]))
-                bar.update()
-    bar.close()
-    return _finish(out, manifest_path, reports, dataset_settings, options, workers, t0)
-
-
-def _result_or_crash(future, case: ManifestCase) -> _CaseReport:
-    """A worker's report, or a failure when its process died (out of memory, killed)."""
+    finished = False
     try:
-        return future.result()
-    except Exception as exc:  # the worker process itself failed: record it for its case
-        report = _CaseReport(case.case_id, failed=len(case.xrays) * len(SIDES))
-        report.failures.append(
-            {
-                "case_id": case.case_id,
-                "xray": "",
-                "side": "",
-                "stage": "worker",
-                "error": f"{type(exc).__name__}: {exc}",
-            }
+        for report in run_cases(
+            cases, _prepare_case, _crashed, workers, "prepare" if progress else None, (options,)
+        ):
+            reports.append(report)
+        finished = True
+    finally:  # an interrupted run still leaves an index of what it finished
+        summary = _finish(
+            out, manifest_path, reports, duplicates, removed, dataset_settings, options, workers, t0
         )
-        return report
+        summary["status"] = "done" if finished else "interrupted"
+        write_json(out / "prepare.json", summary)
+    return summary
 
 
-def _finish(out, manifest_path, reports, dataset_settings, options, workers, t0) -> dict:
-    """Write failures.csv, index.csv and prepare.json; return the summary."""
+def _crashed(case: ManifestCase, exc: BaseException) -> _CaseReport:
+    """The report of a case whose worker process died (out of memory, killed)."""
+    report = _CaseReport(case.case_id, failed=len(case.xrays) * len(SIDES))
+    report.failures.append(
+        {
+            "case_id": case.case_id,
+            "xray": "",
+            "side": "",
+            "stage": "worker",
+            "error": f"{type(exc).__name__}: {exc}",
+        }
+    )
+    return report
+
+
+def _finish(
+    out, manifest_path, reports, duplicates, removed, dataset_settings, options, workers, t0
+) -> dict:
+    """Write failures.csv and index.csv; return the summary (prepare.json's content)."""
     reports = sorted(reports, key=lambda r: r.case_id)
-    failures = [f for r in reports for f in r.failures]
-    _write_csv(out / "failures.csv", FAILURE_COLUMNS, failures)
-    rows = _write_index(out)
+    failures = duplicates + [f for r in reports for f in r.failures]
+    write_csv(out / "failures.csv", FAILURE_COLUMNS, failures)
+    rows = index_rows(out)
+    write_csv(out / "index.csv", INDEX_COLUMNS, rows)
     seconds = time.perf_counter() - t0
     written = sum(r.written for r in reports)
-    summary = {
+    return {
         "format": DATASET_FORMAT,
-        "format_version": 1,
+        "format_version": DATASET_FORMAT_VERSION,
+        "identity": dataset_settings,
         "xbmd_version": __version__,
-        "status": "done",
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "manifest": str(manifest_path.resolve()),
         "dataset_settings": dataset_settings,
@@ -817,10 +607,11 @@ def _finish(out, manifest_path, reports, dataset_settings, options, workers, t0)
             "registration": None if options.use_known_poses else asdict(options.settings),
         },
         "cases": len(reports),
-        "cases_with_failures": sum(1 for r in reports if r.failures),
+        "cases_with_failures": len({f["case_id"] for f in failures}),
         "samples_written": written,
         "samples_skipped": sum(r.skipped for r in reports),
         "samples_failed": sum(r.failed for r in reports),
+        "samples_removed": removed,
         "samples_in_index": len(rows),
         "registrations_run": sum(r.registrations_run for r in reports),
         "registrations_reused": sum(r.registrations_reused for r in reports),
@@ -830,5 +621,3 @@ def _finish(out, manifest_path, reports, dataset_settings, options, workers, t0)
         "failures": failures,
         "index": "index.csv",
     }
-    _write_json(out / "prepare.json", summary)
-    return summary

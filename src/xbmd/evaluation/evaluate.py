@@ -191,8 +191,7 @@ def predict_dataset(
     progress: Callable | None = None,
 ) -> ModelRun:
     """Predict every sample of a prepared dataset; a sample that cannot be read is listed."""
-    from xbmd.dataset.hip import load_sample
-    from xbmd.learn.data import read_index
+    from xbmd.dataset.format import label_values, load_sample, read_index
     from xbmd.model.bundle import load_bundle
     from xbmd.model.inputs import downsample_map
 
@@ -208,13 +207,13 @@ def predict_dataset(
     loaded = []
     for r in index:
         try:
-            arrays, _ = load_sample(dataset / r["file"])
-            if arrays["xray"].shape != (256, 256):
-                raise InputError(f"{r['file']}: crop is {arrays['xray'].shape}, not 256 x 256")
-        except (InputError, OSError, KeyError, ValueError) as exc:
+            sample = load_sample(dataset / r["file"])
+            if sample.xray.shape != (256, 256):
+                raise InputError(f"{r['file']}: crop is {sample.xray.shape}, not 256 x 256")
+        except InputError as exc:
             failures.append({"sample_id": r["sample_id"], "error": str(exc)})
             continue
-        loaded.append((r, arrays))
+        loaded.append((r, sample.arrays))
     if not loaded:
         raise InputError(f"{dataset}: none of the {len(index)} samples could be read")
     steps = range(0, len(loaded), batch)
@@ -260,9 +259,7 @@ def predict_dataset(
                     quality[key].append(math.nan)
             maps.append(entry)
     used = [r for r, _ in loaded]
-    references = {
-        c: np.array([_float(r.get(c)) for r in used]) for c in REFERENCE_UNITS if c in index[0]
-    }
+    references = {c: label_values(used, c) for c in REFERENCE_UNITS if c in index[0]}
     references = {c: v for c, v in references.items() if np.isfinite(v).any()}
     units = {**REFERENCE_UNITS, "bmd_drr_g_cm2": "g/cm2"}
     for name in bundle.targets:

@@ -12,7 +12,6 @@ training device and needs JPEG, which MONAI lacks.
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from xbmd.dataset.hip import load_sample
+from xbmd.dataset.format import LABEL_COLUMNS, label_values, load_sample, read_index
 from xbmd.display import jpeg_round_trip
 from xbmd.errors import InputError
 from xbmd.model.inputs import CLIP, downsample_map, model_input
@@ -69,38 +68,6 @@ class TrainingData:
         return [r["patient_id"] or r["case_id"] for r in self.rows]
 
 
-LABEL_COLUMNS = (
-    "ct_abmd_g_cm2",
-    "qct_vbmd_mg_cm3",
-    "neck_abmd_g_cm2",
-    "bmd_drr_g_cm2",
-    "dxa_total_hip_g_cm2",
-    "dxa_neck_g_cm2",
-)
-
-
-def read_index(dataset: str | Path) -> list[dict]:
-    """The rows of ``DATASET/index.csv``."""
-    index = Path(dataset) / "index.csv"
-    if not index.is_file():
-        raise InputError(f"{index}: no such file; is {dataset} a dataset written by xbmd prepare?")
-    with index.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    missing = {"sample_id", "patient_id", "file", *LABEL_COLUMNS} - set(rows[0] if rows else {})
-    if not rows:
-        raise InputError(f"{index}: no samples")
-    if missing:
-        raise InputError(f"{index}: missing columns {', '.join(sorted(missing))}")
-    return rows
-
-
-def _float(value: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def load_training_data(dataset: str | Path, size: int, progress: bool = True) -> TrainingData:
     """Every sample of a prepared dataset at model resolution ``size``."""
     dataset = Path(dataset)
@@ -113,15 +80,14 @@ def load_training_data(dataset: str | Path, size: int, progress: bool = True) ->
     for i, row in enumerate(
         tqdm(rows, desc="loading samples", unit="sample", disable=not progress)
     ):
-        arrays, _ = load_sample(dataset / row["file"])
-        try:
-            inputs[i] = model_input(arrays["xray"], arrays["valid"], size)
-            bone[i] = downsample_map(arrays["bone_drr_g_cm2"], size)
-            pf[i] = downsample_map(arrays["pf_drr_g_cm2"], size)
-            region[i] = downsample_map(arrays["pf_mask"].astype(np.float32), size) >= 0.5
-        except KeyError as exc:
-            raise InputError(f"{dataset / row['file']}: no array {exc}") from None
-    labels = {c: np.array([_float(r.get(c)) for r in rows]) for c in LABEL_COLUMNS}
+        sample = load_sample(dataset / row["file"])
+        if sample.bone_drr_g_cm2 is None or sample.pf_drr_g_cm2 is None or sample.pf_mask is None:
+            raise InputError(f"{dataset / row['file']}: a training sample needs its DRRs and mask")
+        inputs[i] = model_input(sample.xray, sample.valid, size)
+        bone[i] = downsample_map(sample.bone_drr_g_cm2, size)
+        pf[i] = downsample_map(sample.pf_drr_g_cm2, size)
+        region[i] = downsample_map(sample.pf_mask.astype(np.float32), size) >= 0.5
+    labels = {c: label_values(rows, c) for c in LABEL_COLUMNS}
     return TrainingData(inputs, bone, pf, region, labels, rows)
 
 

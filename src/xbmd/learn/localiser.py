@@ -1,14 +1,14 @@
 """Training the hip localiser (the network and its inference: ``xbmd.model.localiser``).
 
-Training (:func:`train_localiser`) reads the radiographs of ``xbmd prepare`` datasets and their
-head centres, and draws random views of them: whole images, hips zoomed in (often one head only),
-anywhere (often no head), all with random scale, rotation, exposure, gamma, blur and noise, and
-horizontal flips that swap the right/left channels (a mirrored right hip looks like a left hip:
-the side comes from the anatomy). The targets are Gaussians of ``sigma_px`` input pixels at the
-head centres. Synthetic images with no hip (blank, noise, gradients, blobs, bars, discs) teach it
-to report low confidence there. A side missing from a dataset's index (refused by ``xbmd
-prepare``) is unknown, not absent: for that radiograph its class is merged with the background in
-the loss.
+Training (:func:`train_localiser`) reads the radiographs of ``xbmd prepare`` datasets (the reduced
+copies the dataset holds) and their head centres, and draws random views of them: whole images,
+hips zoomed in (often one head only), anywhere (often no head), all with random scale, rotation,
+exposure, gamma, blur and noise, and horizontal flips that swap the right/left channels (a mirrored
+right hip looks like a left hip: the side comes from the anatomy). The targets are Gaussians of
+``sigma_px`` input pixels at the head centres. Synthetic images with no hip (blank, noise,
+gradients, blobs, bars, discs) teach it to report low confidence there. A side missing from a
+dataset's index (refused by ``xbmd prepare``) is unknown, not absent: for that radiograph its class
+is merged with the background in the loss.
 
 Why a softmax over three classes, not two independent heatmaps with a squared error: on
 ``benchmarks/bench_localiser.py`` (30 training radiographs, 900 steps) the squared error still
@@ -23,8 +23,6 @@ Example
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 import warnings
@@ -36,6 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from xbmd.dataset.format import dataset_radiographs
 from xbmd.errors import InputError, XbmdError
 from xbmd.geometry import SIDES
 from xbmd.model.localiser import (
@@ -59,9 +58,10 @@ ABSENT = -1e6
 
 
 class TrainingImage(NamedTuple):
-    """One radiograph of a training set: its file and its head centres.
+    """One radiograph of a training set: its file (:func:`load_pixels` reads it) and its head
+    centres.
 
-    ``heads[side]`` is (row, col) in the radiograph's pixels, or None where the side is unknown
+    ``heads[side]`` is (row, col) in the pixels of that file, or None where the side is unknown
     (not in the dataset's index): unknown, not absent.
     """
 
@@ -74,46 +74,21 @@ class TrainingImage(NamedTuple):
 
 
 def localiser_training_set(dataset: Path) -> list[TrainingImage]:
-    """The radiographs of an ``xbmd prepare`` dataset and their femoral head centres.
-
-    Reads ``DATASET/prepare.json`` (the manifest's path; radiograph paths in the index are
-    relative to its folder), ``DATASET/index.csv`` and each sample's sidecar
-    (``landmarks_image_px["head_center_px"]``). One entry per radiograph, in index order; a side
-    with no sample is None (unknown).
-    """
-    dataset = Path(dataset)
-    index, summary = dataset / "index.csv", dataset / "prepare.json"
-    for path in (index, summary):
-        if not path.is_file():
-            raise InputError(f"{path}: no such file; not an `xbmd prepare` dataset")
-    try:
-        manifest = Path(json.loads(summary.read_text())["manifest"])
-        with index.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{summary} or {index}: unreadable ({exc})") from None
-    images: dict[Path, dict] = {}
-    for row in rows:
-        try:
-            xray, side, sidecar = row["xray"], row["side"], dataset / row["file"]
-        except KeyError as exc:
-            raise InputError(f"{index}: no column {exc}") from None
-        if side not in SIDES:
-            raise InputError(f"{index}: side must be one of {SIDES}, not {side!r}")
-        heads = images.setdefault(manifest.parent / xray, dict.fromkeys(SIDES))
-        heads[side] = _head_center(sidecar.with_suffix(".json"))
-    return [TrainingImage(path, heads) for path, heads in images.items()]
+    """The radiographs of an ``xbmd prepare`` dataset (its reduced copies, ``radiographs/``) and
+    their femoral head centres, one entry per radiograph in index order; a side with no sample
+    is None (unknown). See :func:`xbmd.dataset.format.dataset_radiographs`."""
+    return [TrainingImage(r.path, r.heads) for r in dataset_radiographs(dataset)]
 
 
-def _head_center(sidecar: Path) -> tuple[float, float]:
-    try:
-        row, col = json.loads(sidecar.read_text())["landmarks_image_px"]["head_center_px"]
-        head = (float(row), float(col))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{sidecar}: no femoral head centre ({exc!r})") from None
-    if not all(math.isfinite(v) for v in head):
-        raise InputError(f"{sidecar}: femoral head centre is not finite: {head}")
-    return head
+def load_pixels(path: Path) -> np.ndarray:
+    """A training radiograph's pixels: a dataset's reduced radiograph (``.npz``) or any
+    radiograph file ``xbmd.io.xray.read_xray`` reads."""
+    if Path(path).suffix == ".npz":
+        with np.load(path) as data:
+            return data["pixels"].astype(np.float32)
+    from xbmd.io.xray import read_xray
+
+    return read_xray(path).pixels
 
 
 # ------------------------------------------------------------------------------------------------
@@ -300,13 +275,11 @@ def _load_store(images: list[TrainingImage], size: int, progress: bool) -> _Stor
     from scipy import ndimage
     from tqdm import tqdm
 
-    from xbmd.io.xray import read_xray
-
     sharp, heads, content = [], [], []
     for item in tqdm(images, desc="localiser: reading", unit="image", disable=not progress):
         try:
-            pixels = read_xray(item.xray).pixels
-        except XbmdError as exc:
+            pixels = load_pixels(item.xray)
+        except (XbmdError, OSError, ValueError, KeyError) as exc:
             warnings.warn(f"{item.xray}: cannot be read, skipped ({exc})", stacklevel=3)
             continue
         image, box = preprocess(pixels, size)
@@ -368,6 +341,9 @@ def train_localiser(
     """
     datasets = [Path(dataset)] if isinstance(dataset, (str, Path)) else [Path(d) for d in dataset]
     images = [image for d in datasets for image in localiser_training_set(d)]
+    if not images:
+        names = ", ".join(str(d) for d in datasets)
+        raise InputError(f"none of the training radiographs of {names} could be read")
     model, report = fit_localiser(images, settings, progress)
     report["datasets"] = [str(d) for d in datasets]
     model.provenance = report

@@ -1,4 +1,8 @@
-"""2D-3D registration of a calibrated CT to one radiograph, one rigid body at a time.
+"""2D-3D registration of a calibrated CT to one radiograph, one rigid body at a time: the search.
+
+The CT's bodies are prepared in ``xbmd.registration.scene``, the results (poses, quality, the
+poses JSON) are ``xbmd.registration.result``, and ``xbmd.registration.xray`` registers one
+radiograph file as ``xbmd register`` and ``xbmd prepare`` do.
 
 The bodies are the pelvis (both hip bones, and whatever else the label map puts with them) and
 each femur; each has six pose parameters about its own centre (docs/geometry.md): the midpoint of
@@ -27,45 +31,26 @@ Method (docs/registration.md):
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from xbmd import units
-from xbmd.ct.landmarks import FemurLandmarks
-from xbmd.drr import RenderVolume, prepare_volume, render
+from xbmd.drr import RenderVolume, render
 from xbmd.errors import GeometryError, InputError
 from xbmd.geometry import BodyPose, PerspectiveGeometry, RigidTransform
+from xbmd.registration.result import BodyResult, Registration
+from xbmd.registration.scene import Scene, default_pose
 from xbmd.similarity import block_all, block_mean, field_mask, similarity
-from xbmd.volume import Volume
 
-#: Body name -> the label-map bones it is made of (docs/data-format.md, manifest label_map).
-BODY_BONES = {
-    "pelvis": ("pelvis_right", "pelvis_left"),
-    "femur_right": ("femur_right",),
-    "femur_left": ("femur_left",),
-}
-BODY_NAMES = tuple(BODY_BONES)
 STRATEGIES = ("cma+gradient", "cma", "gradient")
-#: Without DICOM geometry: a typical table bucky SDD and the hips about 15 cm above the detector.
-DEFAULT_SDD_MM = 1100.0
-DEFAULT_HIP_TO_DETECTOR_MM = 150.0
-#: The femur's window covers this much of it below the top of its label, mm (proximal femur; a
-#: CT's femoral shaft ends where the radiograph's continues, so the shaft's end stays outside).
-FEMUR_WINDOW_LENGTH_MM = 130.0
 #: A femoral head more than this far from where the pelvis puts it has left its acetabulum, mm.
 MAX_HEAD_SHIFT_MM = 6.0
 #: A body with less of its window (femur: its top 130 mm) inside the field than this is flagged:
 #: a femur whose shaft is collimated away has no orientation to register.
 MIN_VISIBLE_FRACTION = 0.75
-#: Soft tissue a bone displaces, HU (skeletal muscle).
-MUSCLE_HU = 45.0
-POSES_FORMAT = "xbmd-registration"
 
 
 @dataclass(frozen=True)
@@ -104,176 +89,7 @@ class RegistrationSettings:
 
 
 # ------------------------------------------------------------------------------------------------
-# The CT side: bodies, centres and landmarks
-
-
-@dataclass
-class Scene:
-    """A CT's rigid bodies, ready to render.
-
-    bodies : name -> RenderVolume (restricted to the body's labels; see :func:`build_scene`),
-        with its ``isocenter_mm`` set to the body's centre.
-    label_ids : name -> label ids of the body.
-    window_points_mm : name -> (N, 3) CT-world points whose projection bounds the comparison.
-    landmarks_mm : name -> (M, 3) CT-world anatomical points for accuracy figures (femur: head
-        centre, neck centre, head-neck junction, both trochanters; pelvis: acetabular centres,
-        iliac-crest tops and ischial bottoms).
-    """
-
-    bodies: dict[str, RenderVolume]
-    label_ids: dict[str, tuple[int, ...]]
-    window_points_mm: dict[str, np.ndarray]
-    landmarks_mm: dict[str, np.ndarray]
-
-    def centre(self, name: str) -> np.ndarray:
-        return np.asarray(self.bodies[name].isocenter_mm, dtype=float)
-
-
-def build_scene(
-    ct: Volume,
-    labels: Volume,
-    label_map: dict[str, int],
-    landmarks: dict[str, FemurLandmarks] | None = None,
-    bodies: tuple[str, ...] = BODY_NAMES,
-) -> Scene:
-    """Prepare the bodies of a CT and its label map for registration.
-
-    ``ct`` in HU (preferred: the bodies render as the attenuation each bone adds to the muscle it
-    displaces, as a radiograph sees them; no calibration needed) or a density in mg/cm3.
-
-    ``label_map`` maps bone names (``pelvis_right``, ``pelvis_left``, ``femur_right``,
-    ``femur_left``) to label ids. ``landmarks`` (per side) give the femoral head centres; without
-    them a head centre is estimated from the label (the centre of its top 40 mm).
-    """
-    if not ct.same_grid(labels):
-        raise InputError(f"label map {labels.source or ''} is not on the grid of the CT")
-    values, quantity = _body_values(ct)
-    present = set(np.unique(labels.data).tolist())
-    ids = {}
-    for name in bodies:
-        wanted = [label_map[b] for b in BODY_BONES[name] if b in label_map]
-        ids[name] = tuple(i for i in wanted if i in present)
-        if not ids[name]:
-            raise InputError(
-                f"{labels.source or 'label map'}: no label of the {name.replace('_', ' ')} "
-                f"({', '.join(BODY_BONES[name])} in the label map {label_map})"
-            )
-    heads = {}
-    for side in ("right", "left"):
-        name = f"femur_{side}"
-        if landmarks and side in landmarks:
-            heads[side] = np.asarray(landmarks[side].head_center_mm, dtype=float)
-        elif name in ids:
-            heads[side] = _estimated_head_centre(labels, ids[name])
-    out = Scene({}, ids, {}, {})
-    for name in bodies:
-        if name == "pelvis":
-            centre = (
-                (heads["right"] + heads["left"]) / 2
-                if len(heads) == 2
-                else _centroid(labels, ids[name])
-            )
-        else:
-            centre = heads[name.removeprefix("femur_")]
-        out.bodies[name] = prepare_volume(
-            values, quantity, labels=labels, label_ids=ids[name], isocenter_mm=centre
-        )
-        out.window_points_mm[name] = _window_points(labels, ids[name], name)
-        out.landmarks_mm[name] = _body_landmarks(labels, label_map, name, landmarks, heads)
-    return out
-
-
-def _body_values(ct: Volume) -> tuple[Volume, str]:
-    """What the bodies' DRRs show: in HU, the attenuation a bone adds to the muscle it displaces
-    (mineral bright, fatty marrow a little dark, as in a radiograph); in mg/cm3, the mineral."""
-    if ct.unit == units.HU:
-        excess = (np.asarray(ct.data, np.float32) - np.float32(MUSCLE_HU)) * np.float32(
-            units.MU_WATER_PER_CM / 1000.0
-        )
-        return ct.with_data(excess, unit=units.PER_CM), "attenuation"
-    if ct.unit == units.MG_CM3:
-        return ct, "density"
-    raise InputError(f"{ct.source or 'CT'}: registration needs HU or mg/cm3, not {ct.unit}")
-
-
-def _voxel_points(labels: Volume, ids, every: int = 1) -> np.ndarray:
-    k, j, i = np.nonzero(np.isin(labels.data, ids))
-    ijk = np.stack([i, j, k], axis=1)[::every].astype(float)
-    return labels.index_to_world(ijk)
-
-
-def _centroid(labels: Volume, ids) -> np.ndarray:
-    return _voxel_points(labels, ids, 7).mean(axis=0)
-
-
-def _estimated_head_centre(labels: Volume, ids) -> np.ndarray:
-    pts = _voxel_points(labels, ids, 3)
-    top = pts[pts[:, 2] >= pts[:, 2].max() - 40.0]
-    return top.mean(axis=0)
-
-
-def _window_points(labels: Volume, ids, name: str) -> np.ndarray:
-    pts = _voxel_points(labels, ids, 5)
-    if name.startswith("femur"):
-        pts = pts[pts[:, 2] >= pts[:, 2].max() - FEMUR_WINDOW_LENGTH_MM]
-    # the extreme points are enough to bound a projection
-    keep = np.unique(np.concatenate([np.argmin(pts, 0), np.argmax(pts, 0)]))
-    hull = pts[keep]
-    step = max(1, len(pts) // 400)
-    return np.concatenate([hull, pts[::step]])
-
-
-def _body_landmarks(labels, label_map, name, landmarks, heads) -> np.ndarray:
-    if name.startswith("femur"):
-        side = name.removeprefix("femur_")
-        lm = (landmarks or {}).get(side)
-        if lm is None:
-            return heads[side][None]
-        return np.stack(
-            [
-                lm.head_center_mm,
-                lm.neck_center_mm,
-                lm.head_neck_junction_mm,
-                lm.lesser_trochanter_mm,
-                lm.greater_trochanter_mm,
-            ]
-        )
-    pts = [h for h in heads.values()]
-    for bone in BODY_BONES["pelvis"]:
-        if bone in label_map and np.any(labels.data == label_map[bone]):
-            p = _voxel_points(labels, [label_map[bone]], 3)
-            pts += [p[np.argmax(p[:, 2])], p[np.argmin(p[:, 2])]]
-    return np.stack(pts)
-
-
-# ------------------------------------------------------------------------------------------------
 # The radiograph side
-
-
-def xray_geometry(xray) -> tuple[PerspectiveGeometry, list[str]]:
-    """The perspective geometry of a radiograph (``xbmd.io.xray.XRay``) and warnings.
-
-    Pixel spacing from the file (Imager Pixel Spacing); SDD and SOD from DICOM, else 1100 mm and
-    SDD - 150 mm (hips 15 cm above the detector). The principal point is the detector centre.
-    """
-    warnings = []
-    if xray.pixel_spacing_mm is None:
-        raise InputError(
-            f"{xray.source or 'X-ray'}: no pixel spacing; registration needs it "
-            "(give it with --pixel-spacing)"
-        )
-    sdd = xray.meta.get("sdd_mm")
-    sod = xray.meta.get("sod_mm")
-    if not sdd:
-        sdd = DEFAULT_SDD_MM
-        warnings.append(f"no source-detector distance in the file: assumed {sdd:g} mm")
-    if not sod or sod >= sdd:
-        sod = sdd - DEFAULT_HIP_TO_DETECTOR_MM
-        warnings.append(f"no source-patient distance in the file: assumed {sod:g} mm")
-    return (
-        PerspectiveGeometry(float(sdd), float(sod), xray.pixels.shape, xray.pixel_spacing_mm),
-        warnings,
-    )
 
 
 @dataclass
@@ -316,100 +132,6 @@ def _pyramid(
 
 
 # ------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass
-class BodyResult:
-    """The registered pose of one body and how much to trust it."""
-
-    name: str
-    pose: BodyPose
-    similarity: float
-    flagged: bool
-    reasons: list[str] = field(default_factory=list)
-    time_s: float = 0.0
-    evaluations: int = 0
-    trace: list[dict] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return self.pose.to_dict() | {
-            "similarity": round(self.similarity, 5),
-            "quality": "flagged" if self.flagged else "good",
-            "reasons": self.reasons,
-            "time_s": round(self.time_s, 2),
-            "evaluations": self.evaluations,
-            "trace": self.trace,
-        }
-
-
-@dataclass
-class Registration:
-    """Poses of every registered body in one radiograph's geometry."""
-
-    geometry: PerspectiveGeometry
-    bodies: dict[str, BodyResult]
-    similarity_kind: str = "gc"
-    warnings: list[str] = field(default_factory=list)
-    xray: str | None = None
-    ct: str | None = None
-
-    @property
-    def flagged(self) -> bool:
-        return any(b.flagged for b in self.bodies.values())
-
-    def poses(self) -> dict[str, BodyPose]:
-        return {n: b.pose for n, b in self.bodies.items()}
-
-    def to_dict(self) -> dict:
-        return {
-            "format": POSES_FORMAT,
-            "format_version": 1,
-            "xray": self.xray,
-            "ct": self.ct,
-            "geometry": self.geometry.to_dict(),
-            "similarity": self.similarity_kind,
-            "quality": "flagged" if self.flagged else "good",
-            "warnings": self.warnings,
-            "poses": {n: b.to_dict() for n, b in self.bodies.items()},
-        }
-
-    def write(self, path: str | Path) -> None:
-        """Write the JSON (atomically: a temporary file renamed)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        tmp.replace(path)
-
-
-def read_poses(path: str | Path, xray: str | Path | None = None) -> dict[str, BodyPose]:
-    """Body poses from a registration JSON (``xbmd register``) or a virtual case's truth.json.
-
-    A truth.json holds one entry per radiograph; ``xray`` (its file name) picks the entry.
-    """
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such poses file") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: not JSON ({e})") from None
-    if isinstance(doc, dict) and "xrays" in doc:
-        name = Path(xray).name if xray is not None else None
-        entries = [e for e in doc["xrays"] if name in (e.get("dicom"), e.get("png"), e.get("name"))]
-        if not entries:
-            raise InputError(f"{path}: no poses for X-ray {name!r}")
-        doc = entries[0]
-    if not isinstance(doc, dict) or not isinstance(doc.get("poses"), dict):
-        raise InputError(f"{path}: no 'poses' section (expected xbmd register output)")
-    try:
-        return {n: BodyPose.from_dict(d) for n, d in doc["poses"].items()}
-    except GeometryError as e:
-        raise InputError(f"{path}: {e}") from None
-
-
-# ------------------------------------------------------------------------------------------------
 # Registration
 
 
@@ -449,14 +171,9 @@ def _window(points_room: np.ndarray, level: _Level, margin_mm: float) -> tuple[i
     return r0, r1, c0, c1
 
 
-def _to_room(points_mm: np.ndarray, pose: BodyPose) -> np.ndarray:
-    m = pose.to_room()
-    return points_mm @ m[:3, :3].T + m[:3, 3]
-
-
 def visible_fraction(points_mm: np.ndarray, pose: BodyPose, level: _Level) -> float:
     """Share of a body's window points whose projection falls inside the radiograph's field."""
-    rc = np.rint(level.geometry.project(_to_room(points_mm, pose))).astype(int)
+    rc = np.rint(level.geometry.project(pose.points_to_room(points_mm))).astype(int)
     rows, cols = level.mask.shape
     inside = (rc[:, 0] >= 0) & (rc[:, 0] < rows) & (rc[:, 1] >= 0) & (rc[:, 1] < cols)
     seen = np.zeros(len(rc), dtype=bool)
@@ -551,7 +268,7 @@ def _register_body(
         t_level = time.perf_counter()
         pose = BodyPose(init.label_ids, init.isocenter_mm, RigidTransform.from_vector(x))
         window = _window(
-            _to_room(scene.window_points_mm[name], pose), level, settings.window_margin_mm
+            pose.points_to_room(scene.window_points_mm[name]), level, settings.window_margin_mm
         )
         objective = _Objective(body, fixed, level, window, settings.similarity)
         use_cma = settings.strategy == "cma" or (settings.strategy == "cma+gradient" and n == 0)
@@ -601,22 +318,13 @@ def _register_body(
     )
 
 
-def default_pose(scene: Scene, name: str, pelvis: BodyPose | None = None) -> BodyPose:
-    """The default AP pose: CT axes along the room axes, pelvis centre at the isocentre; a femur
-    carried by ``pelvis`` (its head where the pelvis pose puts the CT's head centre)."""
-    ids, centre = scene.label_ids[name], scene.centre(name)
-    if name == "pelvis" or pelvis is None:
-        return BodyPose(ids, centre, RigidTransform())
-    return BodyPose(ids, pelvis.isocenter_mm, pelvis.transform).about(centre)
-
-
 def _inplane_search(scene: Scene, level: _Level, pose: BodyPose, settings) -> BodyPose:
     """Shift the pelvis in the detector plane to where its DRR gradients best match (template
     matching of gradient magnitudes, skimage.feature.match_template)."""
     from skimage.feature import match_template
 
     body = scene.bodies["pelvis"]
-    pts = _to_room(scene.window_points_mm["pelvis"], pose)
+    pts = pose.points_to_room(scene.window_points_mm["pelvis"])
     r0, r1, c0, c1 = _window(pts, level, 0.0)
     geom = level.geometry.window(r0, c0, r1 - r0, c1 - c0)
     with torch.no_grad():
@@ -723,34 +431,3 @@ def register(
                 name, scene, levels, carried, fixed, settings.femur_sigma, settings
             )
     return Registration(geometry, {n: done[n] for n in names if n in done}, settings.similarity)
-
-
-def projected_distance_mm(
-    points_mm: np.ndarray, pose_a: BodyPose, pose_b: BodyPose, geometry: PerspectiveGeometry
-) -> np.ndarray:
-    """Distance (mm, at the detector) between the projections of CT points under two poses."""
-    a = geometry.project(_to_room(points_mm, pose_a))
-    b = geometry.project(_to_room(points_mm, pose_b))
-    spacing = np.asarray(geometry.pixel_spacing_mm, dtype=float)
-    return np.linalg.norm((a - b) * spacing, axis=1)
-
-
-def rotation_error_deg(pose_a: BodyPose, pose_b: BodyPose) -> float:
-    """Angle (degrees) of the rotation between two poses' orientations."""
-    r = pose_a.transform.rotation_matrix @ pose_b.transform.rotation_matrix.T
-    return float(np.degrees(np.arccos(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
-
-
-__all__ = [
-    "BODY_NAMES",
-    "Registration",
-    "RegistrationSettings",
-    "Scene",
-    "build_scene",
-    "default_pose",
-    "projected_distance_mm",
-    "read_poses",
-    "register",
-    "rotation_error_deg",
-    "xray_geometry",
-]

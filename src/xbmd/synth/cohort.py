@@ -38,7 +38,7 @@ from xbmd.ct.landmarks import write_landmarks
 from xbmd.dataset.manifest import ManifestCase, read_manifest, write_manifest
 from xbmd.errors import InputError
 from xbmd.io.ct import write_volume
-from xbmd.io.xray import write_xray_dicom, write_xray_png
+from xbmd.io.xray_write import write_xray_dicom, write_xray_png
 from xbmd.synth import anatomy as anatomy_mod
 from xbmd.synth import radiograph
 from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient

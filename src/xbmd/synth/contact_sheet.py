@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from xbmd.ct.calibration import Calibration
+from xbmd.display import to_display_uint8
 from xbmd.drr import prepare_volume, render
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.io.ct import read_ct, read_labels
-from xbmd.io.xray import read_xray, to_display_uint8
+from xbmd.io.xray import read_xray
 
 #: Bone DRRs are rendered on pixels this many times larger than the radiograph's.
 DRR_FACTOR = 4
