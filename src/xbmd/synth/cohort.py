@@ -40,9 +40,11 @@ from xbmd.errors import InputError
 from xbmd.io.ct import write_volume
 from xbmd.io.xray import write_xray_dicom, write_xray_png
 from xbmd.synth import anatomy as anatomy_mod
-from xbmd.synth import radiograph
+from xbmd.synth.device import sample_device
 from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient
+from xbmd.synth.physics import attenuation_at, collimation_mask
 from xbmd.synth.population import sample_patients
+from xbmd.synth.radiograph import expose
 from xbmd.synth.scanner import (
     ROD_DENSITIES_MG_CM3,
     Scanner,
@@ -234,8 +236,8 @@ def _radiographs(
     bodies, reference = None, None
     out = []
     for n in range(settings.poses):
-        device = radiograph.sample_device(rng)
-        att = radiograph.attenuation_at(device.effective_energy_kev)
+        device = sample_device(rng)
+        att = attenuation_at(device.effective_energy_kev)
         if bodies is None:
             bodies = SceneBodies(anatomy, att.mu_water_per_cm, att.bone_excess_cm2_g)
             reference = att
@@ -248,9 +250,9 @@ def _radiographs(
             soft_scale=att.mu_water_per_cm / reference.mu_water_per_cm,
             bone_scale=att.bone_excess_cm2_g / reference.bone_excess_cm2_g,
         )
-        field = radiograph.collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
+        field = collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
         marker = str(rng.choice(["R", "L"]))
-        pixels, exposure = radiograph.expose(
+        pixels, exposure = expose(
             line,
             pixel_spacing_mm=geometry.pixel_spacing_mm,
             device=device,
