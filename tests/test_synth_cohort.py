@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -14,9 +18,11 @@ from xbmd.ct.calibration import load_phantom, phantom_calibration
 from xbmd.ct.femur import measure_femur
 from xbmd.ct.landmarks import read_landmarks
 from xbmd.dataset.manifest import read_manifest
+from xbmd.errors import InputError
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.io.xray import read_xray
 from xbmd.synth import anatomy as anatomy_mod
+from xbmd.synth import cohort as cohort_mod
 from xbmd.synth.cohort import FEMUR_LABEL, SynthSettings, generate_cohort
 
 #: Coarse enough for seconds per case; the same code paths as the 1 mm default.
@@ -33,6 +39,10 @@ def cohort(tmp_path_factory):
 def test_cohort_files_and_manifest(cohort):
     out, summary = cohort
     assert summary["succeeded"] == 2 and summary["failed"] == []
+    meta = json.loads((out / "cohort.json").read_text())
+    assert meta["format"] == "xbmd-virtual-cohort" and meta["status"] == "done"
+    assert meta["seed"] == 11 and meta["settings"] == meta["identity"]["settings"]
+    assert meta["identity"] == {"seed": 11, "settings": dataclasses.asdict(TINY)}
     cases = read_manifest(out / "manifest.csv")
     assert len(cases) == 2
     for case in cases:
@@ -128,4 +138,54 @@ def test_refuses_a_folder_of_another_cohort(cohort):
     out, _ = cohort
     result = CliRunner().invoke(app, ["synth", "--out", str(out), "--cases", "1", "--seed", "12"])
     assert result.exit_code == 1
-    assert "another seed or settings" in result.output
+    assert "other settings" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+_REAL_RUN_CASE = cohort_mod._run_case
+
+
+def _dies_on_the_second_case(patient, settings, out):
+    """Stands for ``cohort._run_case`` in the worker processes: the process running VQ0002 dies
+    (as when killed, or out of memory) with its temporary folder half written."""
+    if patient.patient_id == "VQ0002":
+        half = out / "cases" / ".case_VQ0002.partial"
+        half.mkdir(parents=True)
+        (half / "ct.nii.gz").write_bytes(b"half a CT")
+        os._exit(9)
+    return _REAL_RUN_CASE(patient, settings, out)
+
+
+def test_a_dead_worker_fails_its_case_and_the_rest_is_written(tmp_path, monkeypatch):
+    """Two cases on two worker processes; the one running VQ0002 dies. VQ0001, running beside
+    it, is written; VQ0002 is listed as failed and leaves nothing behind."""
+    monkeypatch.setattr(cohort_mod, "_run_case", _dies_on_the_second_case)
+    out = tmp_path / "c"
+    settings = replace(TINY, poses=1)
+    summary = generate_cohort(out, cases=2, seed=11, settings=settings, workers=2, progress=False)
+    assert summary["succeeded"] == 1
+    assert summary["failed"] == [
+        {"case_id": "case_VQ0002", "error": "its worker process died (killed, or out of memory)"}
+    ]
+    assert json.loads((out / "cohort.json").read_text())["failed"] == summary["failed"]
+    assert [c.case_id for c in read_manifest(out / "manifest.csv")] == ["case_VQ0001"]
+    assert [p.name for p in (out / "cases").iterdir()] == ["case_VQ0001"]
+
+
+def test_a_cohort_made_before_the_stage_marker_resumes(cohort, tmp_path):
+    """A cohort.json as written before cohort folders were claimed through xbmd.stages (seed
+    and settings, no identity) resumes with the same seed and settings, and only with them."""
+    out, _ = cohort
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    meta = json.loads((old / "cohort.json").read_text())
+    meta = {k: v for k, v in meta.items() if k not in ("identity", "status")}
+    (old / "cohort.json").write_text(json.dumps(meta, indent=1))
+    with pytest.raises(InputError, match="other settings"):
+        generate_cohort(old, cases=2, seed=12, settings=TINY, workers=1, progress=False)
+    cts = sorted(old.glob("cases/*/ct.nii.gz"))
+    written = [p.stat().st_mtime_ns for p in cts]
+    summary = generate_cohort(old, cases=2, seed=11, settings=TINY, workers=1, progress=False)
+    assert summary["succeeded"] == 2
+    assert [p.stat().st_mtime_ns for p in cts] == written  # resumed, not made again
+    assert (old / "manifest.csv").read_text() == (out / "manifest.csv").read_text()
+    assert (old / "dxa.csv").read_text() == (out / "dxa.csv").read_text()

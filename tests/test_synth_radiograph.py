@@ -1,4 +1,5 @@
-"""Radiograph physics and vendor processing (xbmd.synth.radiograph): small images, known answers."""
+"""Radiograph devices, physics and vendor processing (xbmd.synth.device, .physics,
+.processing, .radiograph): small images, known answers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.io.xray import read_xray
 from xbmd.io.xray_write import write_xray_dicom
+from xbmd.synth import device as dv
+from xbmd.synth import physics as ph
 from xbmd.synth import radiograph as rg
 
 SHAPE = (96, 128)
@@ -27,7 +30,7 @@ def _scene() -> np.ndarray:
     return li
 
 
-def _quiet(device: rg.XrayDevice) -> rg.XrayDevice:
+def _quiet(device: dv.XrayDevice) -> dv.XrayDevice:
     """The same device, nearly noise-free and with identity multi-scale processing."""
     return dataclasses.replace(
         device,
@@ -45,27 +48,27 @@ def _quiet(device: rg.XrayDevice) -> rg.XrayDevice:
 
 
 def test_attenuation_matches_nist_xcom():
-    water = rg.attenuation_at(60.0)
+    water = ph.attenuation_at(60.0)
     assert water.mu_water_per_cm == pytest.approx(0.2059, rel=0.01)  # XCOM 0.2059 cm2/g
-    assert rg.attenuation_at(40.0).mu_water_per_cm == pytest.approx(0.2683, rel=0.01)
-    assert rg.attenuation_at(100.0).mu_water_per_cm == pytest.approx(0.1707, rel=0.01)
+    assert ph.attenuation_at(40.0).mu_water_per_cm == pytest.approx(0.2683, rel=0.01)
+    assert ph.attenuation_at(100.0).mu_water_per_cm == pytest.approx(0.1707, rel=0.01)
     assert water.mu_adipose_per_cm < water.mu_water_per_cm < water.mu_muscle_per_cm
     assert water.mu_lead_per_cm > 50  # 1 mm of lead stops > 99 % at 60 keV
 
 
 def test_bone_excess_positive_and_decreasing():
     energies = np.arange(30.0, 100.1, 5.0)
-    excess = np.array([rg.attenuation_at(e).bone_excess_cm2_g for e in energies])
+    excess = np.array([ph.attenuation_at(e).bone_excess_cm2_g for e in energies])
     assert np.all(excess > 0)
     assert np.all(np.diff(excess) < 0)
-    a = rg.attenuation_at(55.0)
+    a = ph.attenuation_at(55.0)
     assert a.bone_excess_cm2_g == pytest.approx(a.ha_mass_cm2_g - a.mu_water_per_cm / 3.16)
 
 
 @pytest.mark.parametrize("energy", [10.0, 150.0, float("nan")])
 def test_attenuation_refuses_energy_outside_table(energy):
     with pytest.raises(InputError, match="energy_kev"):
-        rg.attenuation_at(energy)
+        ph.attenuation_at(energy)
 
 
 # ---- devices
@@ -73,20 +76,20 @@ def test_attenuation_refuses_energy_outside_table(energy):
 
 def test_every_family_samples_a_valid_json_device():
     rng = np.random.default_rng(0)
-    devices = [rg.sample_device(rng, family) for family in sorted(rg.DEVICE_FAMILIES)]
+    devices = [dv.sample_device(rng, family) for family in sorted(dv.DEVICE_FAMILIES)]
     for device in devices:
         again = json.loads(json.dumps(device.to_dict()))
         assert again["family"] == device.family
         assert 45 <= device.effective_energy_kev <= 62
-    assert {d.photometric for d in devices} == set(rg.PHOTOMETRICS)
-    assert {d.outside_field for d in devices} == set(rg.OUTSIDE_FIELD)
+    assert {d.photometric for d in devices} == set(dv.PHOTOMETRICS)
+    assert {d.outside_field for d in devices} == set(dv.OUTSIDE_FIELD)
     assert any(not d.grid and d.scatter_to_primary > 1 for d in devices)
     assert all(d.scatter_to_primary < 0.8 for d in devices if d.grid)
 
 
 def test_unknown_family_is_refused():
     with pytest.raises(InputError, match="family must be one of"):
-        rg.sample_device(np.random.default_rng(0), "film")
+        dv.sample_device(np.random.default_rng(0), "film")
 
 
 # ---- physics steps
@@ -95,24 +98,24 @@ def test_unknown_family_is_refused():
 def test_poisson_variance_equals_mean_on_raw_quanta():
     rng = np.random.default_rng(1)
     for mean in (50.0, 400.0, 3000.0):
-        quanta = rg.quantum_noise(np.full((200, 200), mean, np.float32), rng)
+        quanta = ph.quantum_noise(np.full((200, 200), mean, np.float32), rng)
         assert quanta.mean() == pytest.approx(mean, rel=0.01)
         assert quanta.var() / mean == pytest.approx(1.0, abs=0.05)
 
 
 def test_detector_blur_lowers_pixel_variance_and_adds_electronic_noise():
     rng = np.random.default_rng(2)
-    quanta = rg.quantum_noise(np.full((200, 200), 1000.0, np.float32), rng)
+    quanta = ph.quantum_noise(np.full((200, 200), 1000.0, np.float32), rng)
     kwargs = {"pixel_spacing_mm": 0.3, "tail_fraction": 0.05, "tail_mm": 1.0}
-    blurred = rg.detector_response(quanta, rng, blur_mm=0.15, electronic_noise=0.0, **kwargs)
+    blurred = ph.detector_response(quanta, rng, blur_mm=0.15, electronic_noise=0.0, **kwargs)
     assert blurred.var() < 0.8 * quanta.var()
     assert blurred.mean() == pytest.approx(quanta.mean(), rel=1e-3)
-    noisy = rg.detector_response(quanta, rng, blur_mm=0.15, electronic_noise=20.0, **kwargs)
+    noisy = ph.detector_response(quanta, rng, blur_mm=0.15, electronic_noise=20.0, **kwargs)
     assert noisy.var() - blurred.var() == pytest.approx(400.0, rel=0.1)
 
 
 def test_heel_effect_darker_towards_the_anode_and_one_on_the_central_ray():
-    profile = rg.heel_profile(
+    profile = ph.heel_profile(
         301, 1.2, sdd_mm=1100.0, anode_angle_deg=12.0, heel_strength=0.03, anode_top=True
     )
     assert profile[150] == pytest.approx(1.0)
@@ -120,9 +123,9 @@ def test_heel_effect_darker_towards_the_anode_and_one_on_the_central_ray():
 
 
 def test_relative_fluence_uses_the_geometry_principal_point():
-    device = dataclasses.replace(rg.sample_device(np.random.default_rng(0)), heel_strength=0.0)
+    device = dataclasses.replace(dv.sample_device(np.random.default_rng(0)), heel_strength=0.0)
     geo = PerspectiveGeometry(1000.0, 900.0, SHAPE, SPACING_MM, principal_point_px=(20.0, 30.0))
-    fluence = rg.relative_fluence(SHAPE, (SPACING_MM, SPACING_MM), device, geo)
+    fluence = ph.relative_fluence(SHAPE, (SPACING_MM, SPACING_MM), device, geo)
     assert np.unravel_index(np.argmax(fluence), SHAPE) == (20, 30)
     corner = np.hypot(75 * SPACING_MM, 97 * SPACING_MM) / 1000.0
     assert fluence[-1, -1] == pytest.approx((1 + corner**2) ** -1.5, rel=1e-4)
@@ -132,8 +135,8 @@ def test_scatter_matches_the_requested_spr_behind_the_patient():
     li = _scene()
     primary = np.exp(-li)
     field = np.ones(SHAPE, bool)
-    reference = rg.behind_patient(li, field)
-    scatter = rg.scatter_field(
+    reference = ph.behind_patient(li, field)
+    scatter = ph.scatter_field(
         primary,
         li,
         scatter_to_primary=0.5,
@@ -147,13 +150,13 @@ def test_scatter_matches_the_requested_spr_behind_the_patient():
 
 
 def test_aec_gives_the_same_quanta_behind_thin_and_thick_patients():
-    device = dataclasses.replace(rg.sample_device(np.random.default_rng(3), "balanced-dr"))
+    device = dataclasses.replace(dv.sample_device(np.random.default_rng(3), "balanced-dr"))
     field = np.ones(SHAPE, bool)
     quanta = []
     for scale in (0.8, 1.3):
         detected = np.exp(-scale * _scene())
-        n0 = rg.incident_quanta_per_pixel(device, detected, field, SPACING_MM)
-        quanta.append(np.median((n0 * detected)[rg.aec_region(field)]))
+        n0 = ph.incident_quanta_per_pixel(device, detected, field, SPACING_MM)
+        quanta.append(np.median((n0 * detected)[ph.aec_region(field)]))
     assert quanta[0] == pytest.approx(quanta[1], rel=1e-6)
     assert quanta[0] == pytest.approx(device.aec_quanta_per_mm2 * SPACING_MM**2, rel=1e-6)
 
@@ -161,7 +164,7 @@ def test_aec_gives_the_same_quanta_behind_thin_and_thick_patients():
 def test_wide_gaussian_on_a_coarse_grid_matches_the_direct_filter():
     image = np.random.default_rng(4).random((160, 200)).astype(np.float32)
     image[40:90, 60:150] += 3.0
-    fast = rg.gaussian_px(image, 12.0)
+    fast = ph.gaussian_px(image, 12.0)
     direct = ndimage.gaussian_filter(image, 12.0, mode="nearest", truncate=3.0)
     assert np.abs(fast - direct)[20:-20, 20:-20].max() < 0.03 * np.ptp(direct)
 
@@ -171,7 +174,7 @@ def test_wide_gaussian_on_a_coarse_grid_matches_the_direct_filter():
 
 def test_collimation_mask_is_a_large_central_field():
     for seed in range(20):
-        mask = rg.collimation_mask((300, 360), 0.3, np.random.default_rng(seed))
+        mask = ph.collimation_mask((300, 360), 0.3, np.random.default_rng(seed))
         assert mask.dtype == bool
         assert 0.6 <= mask.mean() <= 1.0
         assert mask[150, 180]
@@ -179,7 +182,7 @@ def test_collimation_mask_is_a_large_central_field():
 
 @pytest.mark.parametrize(("letter", "left_side"), [("R", True), ("L", False)])
 def test_marker_is_on_the_patient_side_upper_corner(letter, left_side):
-    li, info = rg.marker_attenuation(
+    li, info = ph.marker_attenuation(
         SHAPE, SPACING_MM, letter, rng=np.random.default_rng(5), energy_kev=55.0, height_mm=10.0
     )
     rows, cols = np.nonzero(li > 1.0)  # lead
@@ -191,7 +194,7 @@ def test_marker_is_on_the_patient_side_upper_corner(letter, left_side):
 
 def test_marker_shows_bright_on_the_correct_side_of_the_image():
     rng = np.random.default_rng(6)
-    device = dataclasses.replace(rg.sample_device(rng, "balanced-dr"))
+    device = dataclasses.replace(dv.sample_device(rng, "balanced-dr"))
     li = np.full((160, 200), 3.5, np.float32)
     pixels, info = expose(li, device, rng, marker="R")
     row, col = info["marker"]["center_px"]
@@ -210,7 +213,7 @@ def test_outside_the_field_follows_the_vendor_shutter():
     rng = np.random.default_rng(7)
     field = np.zeros(SHAPE, bool)
     field[10:-10, 12:-12] = True
-    base = rg.sample_device(rng, "balanced-dr")
+    base = dv.sample_device(rng, "balanced-dr")
     full = 2**base.bits_stored - 1
     for shutter, value in (("black", 0), ("white", full)):
         device = dataclasses.replace(base, outside_field=shutter)
@@ -228,8 +231,8 @@ def test_outside_the_field_follows_the_vendor_shutter():
 def test_expose_is_deterministic_with_a_seed():
     def run(seed):
         rng = np.random.default_rng(seed)
-        device = rg.sample_device(rng)
-        field = rg.collimation_mask(SHAPE, SPACING_MM, rng)
+        device = dv.sample_device(rng)
+        field = ph.collimation_mask(SHAPE, SPACING_MM, rng)
         return expose(_scene(), device, rng, field_mask=field, marker="L")
 
     (a, info_a), (b, info_b) = run(8), run(8)
@@ -238,10 +241,10 @@ def test_expose_is_deterministic_with_a_seed():
     assert not np.array_equal(a, run(9)[0])
 
 
-@pytest.mark.parametrize("family", sorted(rg.DEVICE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(dv.DEVICE_FAMILIES))
 def test_more_attenuation_is_brighter(family):
     rng = np.random.default_rng(10)
-    device = _quiet(rg.sample_device(rng, family))
+    device = _quiet(dv.sample_device(rng, family))
     ramp = np.broadcast_to(np.linspace(2.0, 6.0, SHAPE[1], dtype=np.float32), SHAPE)
     pixels, _ = expose(ramp, device, rng)
     profile = pixels[30:70].astype(float).mean(axis=0)
@@ -249,10 +252,10 @@ def test_more_attenuation_is_brighter(family):
     assert profile[-10] > profile[10]
 
 
-@pytest.mark.parametrize("family", sorted(rg.DEVICE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(dv.DEVICE_FAMILIES))
 def test_bone_is_bright_with_realistic_noise(family):
     rng = np.random.default_rng(11)
-    device = rg.sample_device(rng, family)
+    device = dv.sample_device(rng, family)
     pixels, info = expose(_scene(), device, rng)
     assert pixels[45:55, 55:75].mean() > pixels[45:55, 85:105].mean()
     # a radiograph, not a noise field: a few hundred to a few thousand quanta behind the patient
@@ -276,7 +279,7 @@ def _pelvis_scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return li.astype(np.float32), x, y
 
 
-@pytest.mark.parametrize("family", sorted(rg.DEVICE_FAMILIES))
+@pytest.mark.parametrize("family", sorted(dv.DEVICE_FAMILIES))
 def test_pelvis_looks_processed_bone_white_soft_tissue_grey_air_black(family):
     li, x, y = _pelvis_scene()
     r = np.hypot(x + 85.0, y - 10.0)
@@ -284,7 +287,7 @@ def test_pelvis_looks_processed_bone_white_soft_tissue_grey_air_black(family):
     body = np.broadcast_to(np.abs(x) < 140, li.shape)
     air = np.broadcast_to(np.abs(x) > 165, li.shape)
     rng = np.random.default_rng(15)
-    device = rg.sample_device(rng, family)
+    device = dv.sample_device(rng, family)
     pixels, _ = rg.expose(li, pixel_spacing_mm=1.2, device=device, rng=rng)
     value = pixels / (2**device.bits_stored - 1)
     # the femoral head clearly brighter than the soft tissue next to it: bone contrast is not
@@ -299,7 +302,7 @@ def test_pelvis_looks_processed_bone_white_soft_tissue_grey_air_black(family):
 @pytest.mark.parametrize("bits", [10, 12, 14, 16])
 def test_output_dtype_and_range_follow_bits_stored(bits):
     rng = np.random.default_rng(12)
-    device = dataclasses.replace(rg.sample_device(rng), bits_stored=bits, outside_field="white")
+    device = dataclasses.replace(dv.sample_device(rng), bits_stored=bits, outside_field="white")
     field = np.zeros(SHAPE, bool)
     field[5:-5, 5:-5] = True
     pixels, info = expose(_scene(), device, rng, field_mask=field, marker="R")
@@ -308,10 +311,10 @@ def test_output_dtype_and_range_follow_bits_stored(bits):
     assert json.loads(json.dumps(info))["device"]["bits_stored"] == bits
 
 
-@pytest.mark.parametrize("photometric", rg.PHOTOMETRICS)
+@pytest.mark.parametrize("photometric", dv.PHOTOMETRICS)
 def test_dicom_round_trip_keeps_bone_bright(tmp_path, photometric):
     rng = np.random.default_rng(13)
-    device = dataclasses.replace(rg.sample_device(rng, "equalised-dr"), photometric=photometric)
+    device = dataclasses.replace(dv.sample_device(rng, "equalised-dr"), photometric=photometric)
     pixels, _ = expose(_scene(), device, rng)
     path = tmp_path / "xray.dcm"
     write_xray_dicom(
@@ -329,7 +332,7 @@ def test_dicom_round_trip_keeps_bone_bright(tmp_path, photometric):
 
 def test_expose_refuses_bad_inputs():
     rng = np.random.default_rng(14)
-    device = rg.sample_device(rng)
+    device = dv.sample_device(rng)
     with pytest.raises(InputError, match="non-negative"):
         expose(np.full(SHAPE, -1.0), device, rng)
     with pytest.raises(InputError, match="field_mask"):

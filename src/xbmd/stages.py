@@ -20,7 +20,8 @@ import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
@@ -192,16 +193,56 @@ def run_cases(
                 yield result
             return
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(
-            workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
-        ) as pool:
-            futures = {pool.submit(work, item, *args): item for item in items}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as exc:  # the worker itself failed (killed, out of memory)
-                    result = crashed(futures[future], exc)
-                bar.update()
-                yield result
+        for result in _in_processes(items, work, crashed, workers, threads, args):
+            bar.update()
+            yield result
     finally:
         bar.close()
+
+
+def _in_processes(
+    items: list[T],
+    work: Callable[..., R],
+    crashed: Callable[[T, BaseException], R],
+    workers: int,
+    threads: int,
+    args: tuple = (),
+) -> Iterator[R]:
+    """:func:`run_cases` in ``workers`` spawned processes, each in a process pool of its own.
+
+    When a pool's worker process dies, Python fails every unfinished item of that pool
+    (BrokenProcessPool), not only the one it was running; one pool per process confines this to
+    that item: it becomes ``crashed(item, exc)``, its slot gets a new process, the others go on.
+    """
+    context = get_context("spawn")
+
+    def new_pool() -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            1, mp_context=context, initializer=_init_worker, initargs=(threads,)
+        )
+
+    todo = list(reversed(items))  # pop() takes them in order
+    pools = [new_pool() for _ in range(workers)]
+    running: dict[Future, tuple[int, T]] = {}
+    try:
+        while todo or running:
+            busy = {slot for slot, _ in running.values()}
+            for slot in range(workers):
+                if slot not in busy and todo:
+                    item = todo.pop()
+                    running[pools[slot].submit(work, item, *args)] = (slot, item)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                slot, item = running.pop(future)
+                try:
+                    result = future.result()
+                except BrokenProcessPool as exc:  # its process died (killed, out of memory)
+                    pools[slot].shutdown(wait=False)
+                    pools[slot] = new_pool()
+                    result = crashed(item, exc)
+                except Exception as exc:  # work raised, or its item or result did not pickle
+                    result = crashed(item, exc)
+                yield result
+    finally:
+        for pool in pools:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -10,22 +10,25 @@ Per case (docs/data-format.md, "Virtual cohort"):
                        truth.json       patient, per-side BMD truth, scanner, per X-ray poses
     DIR/manifest.csv   one row per case (xbmd.dataset.manifest)
     DIR/dxa.csv        simulated DXA results (truth + precision noise), as a hospital has them
-    DIR/cohort.json    seed, settings, version, failures
+    DIR/cohort.json    seed, settings, version, failures; the folder's marker (xbmd.stages)
 
 Every case is generated from its patient's own seed, so a case is identical whatever the number
-of workers or the order in which cases finish.
+of workers or the order in which cases finish. The folder is claimed, the cases run and the
+cohort files written through ``xbmd.stages`` (as ``xbmd prepare`` does): a folder of another
+cohort is refused, an interrupted one resumes, a case whose worker process dies is listed as
+failed and the others go on.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +39,15 @@ from xbmd.ct.calibration import Calibration
 from xbmd.ct.femur import measure_femur, neutral_projection
 from xbmd.ct.landmarks import write_landmarks
 from xbmd.dataset.manifest import ManifestCase, read_manifest, write_manifest
-from xbmd.errors import InputError
 from xbmd.io.ct import write_volume
 from xbmd.io.xray_write import write_xray_dicom, write_xray_png
+from xbmd.stages import claim_folder, run_cases, write_atomic, write_csv, write_json
 from xbmd.synth import anatomy as anatomy_mod
-from xbmd.synth import radiograph
+from xbmd.synth.device import sample_device
 from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient
+from xbmd.synth.physics import attenuation_at, collimation_mask
 from xbmd.synth.population import sample_patients
+from xbmd.synth.radiograph import expose
 from xbmd.synth.scanner import (
     ROD_DENSITIES_MG_CM3,
     Scanner,
@@ -56,6 +61,18 @@ from xbmd.tscore import t_score, who_category
 from xbmd.volume import Volume, bounding_box, box_affine
 
 FEMUR_LABEL = {"right": BONE_LABELS["femur_right"], "left": BONE_LABELS["femur_left"]}
+#: The cohort folder's marker (``xbmd.stages.claim_folder``) and summary, and its format name.
+MARKER = "cohort.json"
+COHORT_FORMAT = "xbmd-virtual-cohort"
+DXA_COLUMNS = (
+    "case_id",
+    "patient_id",
+    "side",
+    "total_hip_g_cm2",
+    "femoral_neck_g_cm2",
+    "total_hip_t_score",
+    "who_category",
+)
 
 
 @dataclass(frozen=True)
@@ -234,8 +251,8 @@ def _radiographs(
     bodies, reference = None, None
     out = []
     for n in range(settings.poses):
-        device = radiograph.sample_device(rng)
-        att = radiograph.attenuation_at(device.effective_energy_kev)
+        device = sample_device(rng)
+        att = attenuation_at(device.effective_energy_kev)
         if bodies is None:
             bodies = SceneBodies(anatomy, att.mu_water_per_cm, att.bone_excess_cm2_g)
             reference = att
@@ -248,9 +265,9 @@ def _radiographs(
             soft_scale=att.mu_water_per_cm / reference.mu_water_per_cm,
             bone_scale=att.bone_excess_cm2_g / reference.bone_excess_cm2_g,
         )
-        field = radiograph.collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
+        field = collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
         marker = str(rng.choice(["R", "L"]))
-        pixels, exposure = radiograph.expose(
+        pixels, exposure = expose(
             line,
             pixel_spacing_mm=geometry.pixel_spacing_mm,
             device=device,
@@ -381,6 +398,18 @@ def _run_case_here(patient: Patient, settings: SynthSettings, out: Path) -> Case
     return CaseResult(case_id, True, time.perf_counter() - t0, _case_entry(truth, final, dxa), rows)
 
 
+def _crashed(patient: Patient, exc: BaseException, out: Path) -> CaseResult:
+    """The result of a case whose worker process died (killed, out of memory) or whose worker
+    raised; what its temporary folder holds is removed."""
+    case_id = case_id_of(patient)
+    shutil.rmtree(out / "cases" / f".{case_id}.partial", ignore_errors=True)
+    if isinstance(exc, BrokenProcessPool):
+        error = "its worker process died (killed, or out of memory)"
+    else:
+        error = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return CaseResult(case_id, False, 0.0, error=error)
+
+
 def generate_cohort(
     out: str | Path,
     cases: int,
@@ -394,66 +423,52 @@ def generate_cohort(
     Cases already finished in ``out`` (same seed and settings) are kept, so an interrupted run
     resumes. A failing case is reported in the summary (and cohort.json) and the rest go on.
     """
-    from tqdm import tqdm
-
     out = Path(out)
     settings = settings or SynthSettings()
-    _check_resumable(out, seed, settings)
+    identity = {"seed": seed, "settings": asdict(settings)}
+    _adopt_marker_without_identity(out, identity)
+    claim_folder(out, MARKER, COHORT_FORMAT, identity)
     patients = sample_patients(cases, seed)
     workers = max(1, min(workers or os.cpu_count() or 1, cases))
-    results: list[CaseResult] = []
-    bar = tqdm(total=cases, desc="synth", unit="case", disable=not progress)
-    if workers == 1:
-        for p in patients:
-            results.append(_run_case(p, settings, out))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_run_case, p, settings, out) for p in patients]
-            for f in as_completed(futures):
-                results.append(f.result())
-                bar.update()
-    bar.close()
+    results = list(
+        run_cases(
+            patients,
+            partial(_run_case, settings=settings, out=out),
+            partial(_crashed, out=out),
+            workers,
+            "synth" if progress else None,
+        )
+    )
     results.sort(key=lambda r: r.case_id)
     return _write_cohort_files(out, seed, settings, results)
 
 
-def _check_resumable(out: Path, seed: int, settings: SynthSettings) -> None:
-    """Refuse to mix cohorts: a folder already used must have the same seed and settings."""
-    meta = out / "cohort.json"
-    if meta.exists():
-        old = json.loads(meta.read_text())
-        if old.get("seed") != seed or old.get("settings") != asdict(settings):
-            raise InputError(
-                f"{out} holds a cohort made with another seed or settings; choose an empty folder"
-            )
-    elif out.exists() and any(out.iterdir()):
-        raise InputError(f"{out} is not empty and holds no cohort.json; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    started = {"format": "xbmd-virtual-cohort", "seed": seed, "settings": asdict(settings)}
-    if not meta.exists():
-        meta.write_text(json.dumps(started | {"status": "running"}, indent=1))
+def _adopt_marker_without_identity(out: Path, identity: dict) -> None:
+    """A cohort.json written before cohorts were claimed through ``xbmd.stages`` has the seed and
+    settings but no ``identity``: add it when they are these, so that such a cohort resumes."""
+    path = out / MARKER
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none, or unreadable (claim_folder says so)
+        return
+    if (
+        isinstance(old, dict)
+        and old.get("format") == COHORT_FORMAT
+        and "identity" not in old
+        and {k: old.get(k) for k in identity} == identity
+    ):
+        write_json(path, old | {"identity": identity})
 
 
 def _write_cohort_files(out: Path, seed: int, settings: SynthSettings, results) -> dict:
     ok = [r for r in results if r.ok]
-    write_manifest([r.manifest for r in ok], out / "manifest.csv")
-    with (out / "dxa.csv").open("w", newline="") as f:
-        fields = [
-            "case_id",
-            "patient_id",
-            "side",
-            "total_hip_g_cm2",
-            "femoral_neck_g_cm2",
-            "total_hip_t_score",
-            "who_category",
-        ]
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for r in ok:
-            writer.writerows(r.dxa_rows)
+    manifest = [r.manifest for r in ok]
+    write_atomic(out / "manifest.csv", lambda tmp: write_manifest(manifest, tmp))
+    write_csv(out / "dxa.csv", DXA_COLUMNS, [row for r in ok for row in r.dxa_rows])
     summary = {
-        "format": "xbmd-virtual-cohort",
+        "format": COHORT_FORMAT,
+        "status": "done",
+        "identity": {"seed": seed, "settings": asdict(settings)},
         "xbmd_version": __version__,
         "seed": seed,
         "settings": asdict(settings),
@@ -462,7 +477,7 @@ def _write_cohort_files(out: Path, seed: int, settings: SynthSettings, results) 
         "failed": [{"case_id": r.case_id, "error": r.error} for r in results if not r.ok],
         "seconds_per_case": [round(r.seconds, 2) for r in ok],
     }
-    (out / "cohort.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / MARKER, summary)
     if ok:  # the manifest must read back with the project's own reader
         read_manifest(out / "manifest.csv")
     return summary
