@@ -64,7 +64,7 @@ from xbmd.hip import (
     HipCrop,
     hip_crop,
 )
-from xbmd.io.xray import XRay, read_xray
+from xbmd.io.xray import DICOM_ID_KEYS, XRay, read_xray
 from xbmd.learn.localiser import locate_heads
 from xbmd.similarity import field_mask
 from xbmd.tscore import (
@@ -115,6 +115,7 @@ CSV_COLUMNS = (
     "n_warnings",
     "warnings",
     "result_json",
+    *DICOM_ID_KEYS,
 )
 
 
@@ -153,6 +154,8 @@ class HipResult:
     spacing_source: str
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    #: The source's DICOM identifiers (``xbmd.io.xray.DICOM_ID_KEYS``; None when not DICOM).
+    dicom_ids: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def virtual_xray_pixel_mm(self) -> float:
@@ -165,6 +168,7 @@ class HipResult:
     def to_dict(self) -> dict:
         out = {
             "image": self.image,
+            **{key: self.dicom_ids.get(key) for key in DICOM_ID_KEYS},
             "side": self.side,
             "bmd_g_cm2": _num(self.bmd_g_cm2),
             "bmd_drr_g_cm2": _num(self.bmd_drr_g_cm2),
@@ -476,6 +480,7 @@ class Estimator:
             model=self.model_info,
             pixel_spacing_mm=tuple(xray.pixel_spacing_mm),
             spacing_source=xray.spacing_source,
+            dicom_ids={key: xray.meta.get(key) for key in DICOM_ID_KEYS},
             **scores,
         )
 
@@ -503,12 +508,19 @@ class Estimator:
 
     # ---- on disk
 
-    def write(self, results: list[HipResult], out_dir: str | Path, name: str | None = None) -> Path:
+    def write(
+        self,
+        results: list[HipResult],
+        out_dir: str | Path,
+        name: str | None = None,
+        figures: bool = True,
+    ) -> Path:
         """Write the results of one radiograph into ``out_dir/<name>/`` (name: the image's stem).
 
         Per hip, ``<side>/``: result.json, virtual_xray.npy (float32 g/cm2, S x S, canonical),
-        pf_region.npy (bool), virtual_xray.png, overlay.png; per image: overview.png. Fills
-        ``result.files``. Returns the image's folder.
+        pf_region.npy (bool), and with ``figures`` virtual_xray.png, overlay.png; per image:
+        overview.png. Adds to ``result.files`` (entries already there, e.g. DICOM outputs, are
+        kept). Returns the image's folder.
         """
         if not results:
             raise InputError("no results to write")
@@ -519,15 +531,20 @@ class Estimator:
             np.save(hip / "virtual_xray.npy", r.virtual_xray_g_cm2.astype(np.float32))
             np.save(hip / "pf_region.npy", r.pf_region.astype(bool))
             r.files = {
+                **r.files,
                 "virtual_xray_npy": str(hip / "virtual_xray.npy"),
                 "pf_region_npy": str(hip / "pf_region.npy"),
-                "virtual_xray_png": str(write_virtual_xray_png(r, hip / "virtual_xray.png")),
-                "overlay_png": str(write_overlay_png(r, hip / "overlay.png")),
-                "overview_png": str(folder / "overview.png"),
-                "result_json": str(hip / "result.json"),
             }
+            if figures:
+                r.files["virtual_xray_png"] = str(
+                    write_virtual_xray_png(r, hip / "virtual_xray.png")
+                )
+                r.files["overlay_png"] = str(write_overlay_png(r, hip / "overlay.png"))
+                r.files["overview_png"] = str(folder / "overview.png")
+            r.files["result_json"] = str(hip / "result.json")
             (hip / "result.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")
-        write_overview_png(results, folder / "overview.png")
+        if figures:
+            write_overview_png(results, folder / "overview.png")
         return folder
 
 
