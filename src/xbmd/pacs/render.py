@@ -11,8 +11,6 @@ everything (docs/pacs.md).
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -57,7 +55,7 @@ def radiograph_display(pixels: np.ndarray, max_px: int = DISPLAY_PX) -> tuple[np
     pixels per radiograph pixel). Block means first, so big radiographs stay fast."""
     pixels = np.asarray(pixels, dtype=np.float32)
     rows, cols = pixels.shape
-    step = max(1, int(math.floor(max(rows, cols) / max_px)))
+    step = max(1, max(rows, cols) // max_px)
     h, w = rows // step, cols // step
     small = pixels[: h * step, : w * step].reshape(h, step, w, step).mean(axis=(1, 3))
     scale = max_px / max(rows, cols)
