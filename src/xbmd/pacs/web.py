@@ -16,6 +16,9 @@ exchanged once at /login for an HttpOnly, SameSite=Strict cookie holding an HMAC
 Request bodies over ``max_body_bytes`` are refused (413) before they are read; uvicorn answers
 503 beyond ``max_concurrent_requests``. The page names no patient (accession number and UIDs only),
 sends no-store, a strict Content-Security-Policy, and loads nothing from elsewhere.
+
+FastAPI is imported at the top (its route annotations are resolved from this module's names);
+this module itself is imported only by ``xbmd serve``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ import hmac
 import time
 from collections import defaultdict, deque
 from pathlib import Path
+from urllib.parse import parse_qs
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
 
 from xbmd.pacs.config import WorklistSettings
 from xbmd.pacs.jobs import JobQueue
@@ -86,7 +93,11 @@ _DETAIL = """{% extends "base" %}{% block body %}
 instance {{ job.sop_instance_uid }}<br>SR {{ job.sr_uid or "-" }}<br>
 SC {{ job.sc_uid or "-" }}</span></p>
 {% if job.reason %}<p class="{{ job.status }}">{{ job.reason }}</p>{% endif %}
-{% for hip in job.results or [] %}<h2>{{ hip.side }} hip</h2>
+{% if images %}<div class="images">{% for name in images %}<figure>
+<img src="/job/{{ job.id }}/{{ name }}.png" alt="{{ name }}"
+style="max-height:{{ 480 if name in ('radiograph', 'overlay') else 240 }}px">
+<figcaption>{{ name.replace('_', ' ') }}</figcaption></figure>{% endfor %}</div>{% endif %}
+<div class="images">{% for hip in job.results or [] %}<div><h2>{{ hip.side }} hip</h2>
 <table class="hip"><tr><th>BMD g/cm2</th><td class="num bmd">{{ fmt(hip.bmd_g_cm2, 3) }}</td></tr>
 {% if hip.bmd_interval_g_cm2 %}<tr><th>interval g/cm2</th>
 <td class="num">{{ interval(hip) }}</td></tr>{% endif %}
@@ -99,10 +110,7 @@ SC {{ job.sc_uid or "-" }}</span></p>
 <tr><th>model</th><td>{{ hip.model.path.split('/')[-1] if hip.model else "-" }}
 {{ hip.model.created if hip.model else "" }}</td></tr></table>
 {% if hip.warnings %}<ul>{% for w in hip.warnings %}<li>{{ w }}</li>{% endfor %}</ul>{% endif %}
-{% endfor %}
-{% if images %}<div class="images">{% for name in images %}<figure>
-<img src="/job/{{ job.id }}/{{ name }}.png" alt="{{ name }}" style="max-height:640px">
-<figcaption>{{ name.replace('_', ' ') }}</figcaption></figure>{% endfor %}</div>{% endif %}
+</div>{% endfor %}</div>
 {% endblock %}"""
 
 _LOGIN = """{% extends "base" %}{% block body %}<h1>Log in</h1>
@@ -128,7 +136,8 @@ def _interval(hip: dict) -> str:
 def _flags(hip: dict) -> str:
     flags = ["confident" if hip.get("confident") else "NOT CONFIDENT"]
     if hip.get("warnings"):
-        flags.append(f"{len(hip['warnings'])} warnings")
+        n = len(hip["warnings"])
+        flags.append(f"{n} warning{'s' if n > 1 else ''}")
     return ", ".join(flags)
 
 
@@ -212,9 +221,6 @@ def session_value(token: str) -> str:
 
 def create_app(queue: JobQueue, settings: WorklistSettings, images_dir: Path):
     """The worklist application (module docstring)."""
-    from fastapi import FastAPI, Form, HTTPException, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse
-
     env = _templates()
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     failures: dict[str, deque] = defaultdict(deque)
@@ -275,7 +281,10 @@ def create_app(queue: JobQueue, settings: WorklistSettings, images_dir: Path):
         return page("login", title="Log in", message=None)
 
     @app.post("/login")
-    def login(request: Request, token: str = Form("")):
+    async def login(request: Request):
+        # an urlencoded form of one field, under max_body_bytes (the guard checked the length)
+        fields = parse_qs((await request.body()).decode("utf-8", "replace"))
+        token = (fields.get("token") or [""])[0]
         client = request.client.host if request.client else "unknown"
         recent = failures[client]
         now = time.monotonic()
