@@ -251,14 +251,14 @@ def test_logs_name_no_patient(served):
 def test_worklist_refuses_without_the_token(served):
     base = f"http://127.0.0.1:{served['port']}"
     job = next(j for j in served["jobs"] if j["status"] == "done")
-    for path in ("/", "/api/jobs", f"/job/{job['id']}", f"/job/{job['id']}/overlay.png", "/nope"):
+    for path in ("/", "/api/jobs", f"/job/{job['id']}", f"/job/{job['id']}/overlay.jpg", "/nope"):
         r = requests.get(base + path, timeout=10)
         assert r.status_code == 401, path
         assert "Bearer" in r.headers.get("www-authenticate", "")
         wrong = requests.get(base + path, headers={"Authorization": "Bearer wrong"}, timeout=10)
         assert wrong.status_code == 401, path
     bearer = {"Authorization": f"Bearer {TOKEN}"}
-    assert requests.get(base + f"/job/{job['id']}/overlay.png", headers=bearer).status_code == 200
+    assert requests.get(base + f"/job/{job['id']}/overlay.jpg", headers=bearer).status_code == 200
     big = requests.post(base + "/login", data={"token": "x" * 10_000}, timeout=10)
     assert big.status_code == 413
     assert requests.post(base + "/login", data={"token": "wrong"}, timeout=10).status_code == 401

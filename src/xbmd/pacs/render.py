@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from xbmd.estimate import DISPLAY_MAX_G_CM2, crop_box_px, warp_to_image
+from xbmd.estimate import DISPLAY_MAX_G_CM2, crop_box_px
 from xbmd.io.xray import to_display_uint8
 
 BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSIS"
@@ -88,23 +88,11 @@ def render_overlay(results: list, footer: str = "") -> np.ndarray:
     """
     xray = results[0].xray
     grey, scale = radiograph_display(xray.pixels)
-    rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     rows, cols = grey.shape
+    canvas_img = Image.fromarray(grey).convert("RGBA")
     for r in results:
-        box = crop_box_px(r.crop) * scale + (scale - 1) / 2  # radiograph -> display (centres)
-        lo = np.clip(np.floor(box.min(axis=0)).astype(int), 0, [rows - 1, cols - 1])
-        hi = np.clip(np.ceil(box.max(axis=0)).astype(int) + 1, 1, [rows, cols])
-        shape = (int(hi[0] - lo[0]), int(hi[1] - lo[1]))
-        origin = (lo + 0.5) / scale - 0.5  # the radiograph point of display pixel lo
-        affine = r.model_to_image
-        drr = warp_to_image(r.virtual_xray_g_cm2, affine, shape, tuple(origin), 1 / scale)
-        region = warp_to_image(
-            r.pf_region.astype(np.float32), affine, shape, tuple(origin), 1 / scale
-        )
-        alpha = (OVERLAY_ALPHA * np.clip(region, 0, 1))[..., None]
-        window = rgb[lo[0] : hi[0], lo[1] : hi[1]]
-        window[:] = (1 - alpha) * window + alpha * colour_map(drr)
-    canvas_img = Image.fromarray(np.rint(rgb).astype(np.uint8))
+        canvas_img.alpha_composite(_hip_layer(r, scale, (rows, cols)))
+    canvas_img = canvas_img.convert("RGB")
     draw = ImageDraw.Draw(canvas_img)
     text_font = font(max(13, cols // 55))
     for r in results:
@@ -126,6 +114,36 @@ def render_overlay(results: list, footer: str = "") -> np.ndarray:
         draw.rectangle([bbox[0] - 3, bbox[1] - 3, bbox[2] + 3, bbox[3] + 3], fill=(0, 0, 0))
         draw.multiline_text((x0, y0), text, font=text_font, fill=colour, spacing=2)
     return _with_banner(np.asarray(canvas_img), footer)
+
+
+def pil_affine(model_to_image: np.ndarray, scale: float) -> tuple[float, ...]:
+    """PIL's AFFINE coefficients that sample a model-grid image for each display pixel.
+
+    ``model_to_image`` maps model (row, col) to radiograph (row, col), pixel centres at integers;
+    display pixel u is radiograph point ``(u + 0.5) / scale - 0.5``. PIL maps output (x, y) to
+    input (a x + b y + c, d x + e y + f) with pixel centres at +0.5 on both sides.
+    """
+    inverse = np.linalg.inv(model_to_image[:, :2])
+    b = inverse / scale  # model (row, col) per display (row, col)
+    c = inverse @ (np.full(2, 0.5 / scale - 0.5) - model_to_image[:, 2])
+    return (
+        b[1, 1], b[1, 0], c[1] - 0.5 * (b[1, 0] + b[1, 1]) + 0.5,
+        b[0, 1], b[0, 0], c[0] - 0.5 * (b[0, 0] + b[0, 1]) + 0.5,
+    )  # fmt: skip
+
+
+def _hip_layer(r, scale: float, shape: tuple[int, int]) -> Image.Image:
+    """RGBA layer of the display size: the hip's virtual X-ray in colour, opaque (by
+    ``OVERLAY_ALPHA``) where its predicted region is; warped by PIL (bilinear)."""
+    rgba = np.zeros((*r.virtual_xray_g_cm2.shape, 4), np.uint8)
+    rgba[..., :3] = colour_map(r.virtual_xray_g_cm2)
+    rgba[..., 3] = np.where(r.pf_region, round(255 * OVERLAY_ALPHA), 0)
+    return Image.fromarray(rgba, "RGBA").transform(
+        (shape[1], shape[0]),
+        Image.Transform.AFFINE,
+        pil_affine(r.model_to_image, scale),
+        resample=Image.Resampling.BILINEAR,
+    )
 
 
 def _with_banner(image: np.ndarray, footer: str) -> np.ndarray:

@@ -40,8 +40,6 @@ _ID_TAGS = {
     "accession_number": "AccessionNumber",
     "study_date": "StudyDate",
 }
-#: The worklist's images of a job (file names in its folder)
-IMAGES = ("radiograph", "overlay", "virtual_xray_right", "virtual_xray_left")
 FEED_BATCH = 200
 
 
@@ -228,7 +226,9 @@ class Service:
         )
 
     def _write_images(self, job_id: int, results: list, overlay) -> None:
-        """The worklist's images of a job: radiograph, overlay, each hip's virtual X-ray."""
+        """The worklist's images of a job (``web.IMAGES``): the radiograph and the overlay as
+        JPEG previews (4 ms against 50 ms for PNG; the lossless overlay is the SC in PACS), each
+        hip's virtual X-ray as PNG."""
         from PIL import Image
 
         from xbmd.pacs.render import radiograph_display, render_virtual_xray
@@ -236,13 +236,16 @@ class Service:
         folder = self.images_dir / str(job_id)
         folder.mkdir(parents=True, exist_ok=True)
         grey, _ = radiograph_display(results[0].xray.pixels)
-        images = {"radiograph": grey, "overlay": overlay}
+        images = {"radiograph.jpg": grey, "overlay.jpg": overlay}
         for r in results:
-            images[f"virtual_xray_{r.side}"] = render_virtual_xray(r)
+            images[f"virtual_xray_{r.side}.png"] = render_virtual_xray(r)
         for name, pixels in images.items():
-            tmp = folder / f".{name}.png"
-            Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
-            tmp.replace(folder / f"{name}.png")
+            tmp = folder / f".{name}"
+            if name.endswith(".jpg"):
+                Image.fromarray(pixels).save(tmp, format="JPEG", quality=92)
+            else:
+                Image.fromarray(pixels).save(tmp, format="PNG", compress_level=1)
+            tmp.replace(folder / name)
 
 
 def _text(value) -> str | None:

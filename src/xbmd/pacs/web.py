@@ -7,7 +7,8 @@ Routes (every one behind the token but the login form itself):
   ``?all=1`` also lists the instances skipped by the filters;
 - ``GET /job/{id}``: one radiograph: every number, the warnings, the radiograph, the overlay (the
   Secondary Capture's pixels) and each hip's virtual X-ray;
-- ``GET /job/{id}/{image}.png``: those images; ``GET /api/jobs``, ``GET /api/jobs/{id}``: JSON;
+- ``GET /job/{id}/{image}``: those images (``IMAGES``);
+- ``GET /api/jobs``, ``GET /api/jobs/{id}``: the same as JSON;
 - ``GET /login`` (a form) and ``POST /login``: the token for a cookie; ``GET /logout``.
 
 Security (docs/pacs.md): the token is sent as ``Authorization: Bearer TOKEN`` (API clients) or
@@ -37,7 +38,13 @@ from xbmd.pacs.config import WorklistSettings
 from xbmd.pacs.jobs import JobQueue
 
 COOKIE = "xbmd_session"
-IMAGES = ("radiograph", "overlay", "virtual_xray_right", "virtual_xray_left")
+#: The images of a job on the detail page (written by the service), and their media types
+IMAGES = {
+    "radiograph.jpg": "image/jpeg",
+    "overlay.jpg": "image/jpeg",
+    "virtual_xray_right.png": "image/png",
+    "virtual_xray_left.png": "image/png",
+}
 _OPEN_PATHS = ("/login",)
 _SECURITY_HEADERS = [
     (b"content-security-policy", b"default-src 'self'; style-src 'self' 'unsafe-inline'; "
@@ -94,9 +101,10 @@ instance {{ job.sop_instance_uid }}<br>SR {{ job.sr_uid or "-" }}<br>
 SC {{ job.sc_uid or "-" }}</span></p>
 {% if job.reason %}<p class="{{ job.status }}">{{ job.reason }}</p>{% endif %}
 {% if images %}<div class="images">{% for name in images %}<figure>
-<img src="/job/{{ job.id }}/{{ name }}.png" alt="{{ name }}"
-style="max-height:{{ 480 if name in ('radiograph', 'overlay') else 240 }}px">
-<figcaption>{{ name.replace('_', ' ') }}</figcaption></figure>{% endfor %}</div>{% endif %}
+<img src="/job/{{ job.id }}/{{ name }}" alt="{{ name }}"
+style="max-height:{{ 480 if name.endswith('.jpg') else 240 }}px">
+<figcaption>{{ name.split('.')[0].replace('_', ' ') }}</figcaption></figure>{% endfor %}
+</div>{% endif %}
 <div class="images">{% for hip in job.results or [] %}<div><h2>{{ hip.side }} hip</h2>
 <table class="hip"><tr><th>BMD g/cm2</th><td class="num bmd">{{ fmt(hip.bmd_g_cm2, 3) }}</td></tr>
 {% if hip.bmd_interval_g_cm2 %}<tr><th>interval g/cm2</th>
@@ -256,17 +264,17 @@ def create_app(queue: JobQueue, settings: WorklistSettings, images_dir: Path):
     def detail(job_id: int):
         job = job_or_404(job_id)
         folder = images_dir / str(job.id)
-        images = [n for n in IMAGES if (folder / f"{n}.png").is_file()]
+        images = [n for n in IMAGES if (folder / n).is_file()]
         return page("detail", title=f"Job {job.id}", job=job, images=images)
 
-    @app.get("/job/{job_id}/{name}.png")
+    @app.get("/job/{job_id}/{name}")
     def image(job_id: int, name: str):
-        if name not in IMAGES:
+        if name not in IMAGES:  # fixed names only: nothing else of the folder is served
             raise HTTPException(404, "no such image")
-        path = images_dir / str(job_or_404(job_id).id) / f"{name}.png"
+        path = images_dir / str(job_or_404(job_id).id) / name
         if not path.is_file():
             raise HTTPException(404, "no such image")
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=IMAGES[name])
 
     @app.get("/api/jobs")
     def api_jobs(all: int = 0):
