@@ -53,7 +53,7 @@ bench: $(STAMP)
 
 # The Orthanc service under load and faults (run it alone on the machine: it is timed).
 bench-service: $(STAMP) system-packages
-	$(BIN)/python benchmarks/bench_service.py --radiographs 200 --clients 8 --out bench_out/service
+	$(BIN)/python benchmarks/bench_service.py --radiographs 200 --clients 8 --faults --out bench_out/service
 
 # The bundled default model (src/xbmd/data/models/default.pt), from scratch on 2 CPU cores:
 # a 64-patient virtual cohort with 4 radiographs each (seed 4000, never used for evaluation), known
