@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -202,7 +201,8 @@ def test_a_kill_loses_nothing_and_duplicates_nothing(served, orthanc):
     """SIGKILL after the first result, restart: every radiograph has exactly one SR and one SC
     in its own study, with the deterministic UIDs the jobs recorded."""
     at_kill = served["at_kill"]
-    assert any(s != "done" for s in at_kill.values()), "the kill came after everything was done"
+    done_at_kill = sum(s == "done" for s in at_kill.values())
+    assert 1 <= done_at_kill < N_RADIOGRAPHS, "the kill came after everything was done"
     by_sop = {j["sop_instance_uid"]: j for j in served["jobs"]}
     for source in served["sources"]:
         outputs = _outputs_of_study(orthanc, source.StudyInstanceUID)
@@ -418,4 +418,3 @@ def test_sandbox_is_gone_after_use(tmp_path):
     assert netns not in namespaces
     links = subprocess.run(["ip", "link"], capture_output=True, text=True).stdout
     assert sandbox.host_if not in links
-    assert shutil.which("Orthanc")

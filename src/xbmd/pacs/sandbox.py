@@ -22,12 +22,23 @@ import subprocess
 import time
 from pathlib import Path
 
-ORTHANC = "Orthanc"
 PORT = 8042
 
 
+def _program(name: str) -> str:
+    """A program on PATH or in /usr/sbin, /sbin (root's tools, whatever PATH says)."""
+    for candidate in (shutil.which(name), f"/usr/sbin/{name}", f"/sbin/{name}"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise RuntimeError(
+        f"the Orthanc sandbox needs `{name}` (Debian packages orthanc, iproute2: `make test`)"
+    )
+
+
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], check=check, capture_output=True, text=True, timeout=20)
+    return subprocess.run(
+        [_program("ip"), *args], check=check, capture_output=True, text=True, timeout=20
+    )
 
 
 class OrthancSandbox:
@@ -64,8 +75,7 @@ class OrthancSandbox:
     # ---- network
 
     def _link(self) -> None:
-        if shutil.which("ip") is None or shutil.which(ORTHANC) is None:
-            raise RuntimeError("the Orthanc sandbox needs `ip` (iproute2) and `Orthanc` (orthanc)")
+        _program("Orthanc")
         _ip("netns", "add", self.netns)
         self._linked = True
         _ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
@@ -114,7 +124,7 @@ class OrthancSandbox:
         config = self._write_config()
         log = (self.folder / "orthanc.log").open("ab")
         self.process = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, ORTHANC, str(config)],
+            [_program("ip"), "netns", "exec", self.netns, _program("Orthanc"), str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
