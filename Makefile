@@ -6,7 +6,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.xbmd-installed
 PIP    := $(BIN)/python -m pip install --quiet -c constraints.txt
 
-.PHONY: demo test lint bench model validation install clean
+# Programs the PACS tests run for real (tests/test_pacs_*.py): Orthanc in a network namespace
+# (ip), dciodvfy, headless Chromium and its driver. Installed from Debian when one is missing
+# (needs root); the Orthanc package's own service is disabled, the tests start their own.
+SYSTEM_PROGRAMS := Orthanc dciodvfy chromium chromedriver ip
+SYSTEM_PACKAGES := orthanc dicom3tools chromium chromium-driver iproute2
+
+.PHONY: demo test lint bench bench-service model validation install system-packages clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,12 +21,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+system-packages:
+	@missing=""; for p in $(SYSTEM_PROGRAMS); do \
+		command -v $$p >/dev/null 2>&1 || test -x /usr/sbin/$$p || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for the PACS tests (missing:$$missing)"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(SYSTEM_PACKAGES) && \
+		{ (invoke-rc.d orthanc stop; update-rc.d orthanc disable; systemctl disable --now orthanc) >/dev/null 2>&1 || true; }; \
+	fi
+
 # The bundled model on the sample X-rays (samples/samples.json); the PNG carries no pixel spacing.
 demo: $(STAMP)
 	$(BIN)/xbmd estimate samples/hip_vq0002.dcm samples/hip_vq0011.png --pixel-spacing 0.6 \
 		--out demo_out
 
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
@@ -36,6 +51,10 @@ bench: $(STAMP)
 	$(BIN)/xbmd synth --out bench_out/reg20 --cases 20 --seed 3000 --poses 2 --workers 2
 	$(BIN)/python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 6 --default-init 4
 	$(BIN)/python benchmarks/bench_prepare.py --cohort bench_out/reg20 --workers 2
+
+# The Orthanc service under load and faults (run it alone on the machine: it is timed).
+bench-service: $(STAMP) system-packages
+	$(BIN)/python benchmarks/bench_service.py --radiographs 200 --clients 8 --faults --out bench_out/service
 
 # The bundled default model (src/xbmd/data/models/default.pt), from scratch on 2 CPU cores:
 # a 64-patient virtual cohort with 4 radiographs each (seed 4000, never used for evaluation), known

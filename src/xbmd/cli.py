@@ -17,6 +17,7 @@ from xbmd.commands import estimate as _estimate
 from xbmd.commands import evaluate as _evaluate
 from xbmd.commands import prepare as _prepare
 from xbmd.commands import register as _register
+from xbmd.commands import serve as _serve
 from xbmd.commands import synth as _synth
 from xbmd.commands import train as _train
 
@@ -39,6 +40,7 @@ app.command("prepare", help=_prepare.HELP)(_prepare.main)
 app.command("estimate", help=_estimate.HELP)(_estimate.main)
 app.command("train", help=_train.HELP)(_train.main)
 app.command("evaluate", help=_evaluate.HELP)(_evaluate.main)
+app.command("serve", help=_serve.HELP)(_serve.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 
 

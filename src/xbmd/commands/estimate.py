@@ -13,14 +13,21 @@ from xbmd.tscore import DEFAULT_REFERENCE, REFERENCES
 
 HELP = (
     "Estimate the bone mineral density of each hip on plain AP pelvis or hip radiographs (DICOM "
-    "DX/CR, PNG, JPEG, TIFF): the model's localiser finds each femoral head, each hip is cropped "
+    "DX/CR, PNG, JPEG, TIFF; folders, walked recursively, and DICOMDIR files): the model's "
+    "localiser finds each femoral head, each hip is cropped "
     "as `xbmd prepare` does (left hips mirrored), and the model predicts the total hip aBMD "
     "(g/cm2, DXA-like), its T-score and WHO category, and a virtual X-ray of the proximal femur "
     "(g/cm2) mapped back onto the radiograph. Writes DIR/<image>/<side>/result.json with the "
     "virtual X-ray (.npy, .png) and an overlay, DIR/<image>/overview.png and DIR/results.csv. "
     "Results the checks find implausible (no hip in the crop, values beyond the training range) "
-    "are marked 'confident: false' with warnings. Exit code 0 when every image was estimated, 2 "
-    "when some could not be (unusable or refused; listed, the rest written), 1 when none could."
+    "are marked 'confident: false' with warnings. In folders and DICOMDIRs, DICOM files that are "
+    "not hip radiographs (SOP Class other than CR/DX, Modality other than DX/CR, Body Part "
+    "Examined not a hip, a lateral View Position) and files that are not images are skipped, "
+    "listed with the reason in DIR/skipped.csv, and not counted as failures. With --dicom-out, "
+    "each DICOM radiograph also gets a TID 1500 measurement report (SR) and a Secondary Capture "
+    "of the overlay, in its study, marked preliminary and research use only (docs/pacs.md). "
+    "Exit code 0 when every image was estimated, 2 when some could not be (unusable or refused; "
+    "listed in DIR/failures.csv, the rest written), 1 when none could."
 )
 
 
@@ -34,7 +41,10 @@ _DEFAULT_REFERENCE = Reference(DEFAULT_REFERENCE)
 
 
 def main(
-    images: list[Path] = typer.Argument(..., help="Radiographs (DICOM, PNG, JPEG, TIFF)."),
+    images: list[Path] = typer.Argument(
+        ...,
+        help="Radiographs (DICOM, PNG, JPEG, TIFF), folders (recursive) or DICOMDIR files.",
+    ),
     model: Path | None = typer.Option(
         None, "--model", help="Model bundle (xbmd train's model.pt); default: the bundled one."
     ),
@@ -59,15 +69,38 @@ def main(
         "assumed where `xbmd prepare` puts it (40 % of the height, centred) and the result is "
         "marked not confident.",
     ),
+    dicom_out: Path | None = typer.Option(
+        None,
+        "--dicom-out",
+        help="Also write, per DICOM radiograph, DIR/<image>_sr.dcm (TID 1500 measurement report) "
+        "and DIR/<image>_sc.dcm (Secondary Capture of the overlay), in the source's study, ready "
+        "to send to PACS. Images that are not DICOM get none (no study to put them in).",
+    ),
+    figures: bool = typer.Option(
+        True,
+        "--figures/--no-figures",
+        help="Write the PNG figures (overview, overlay, virtual X-ray); --no-figures for "
+        "throughput (result.json, .npy and the CSV are still written).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     with user_errors():
         from tqdm import tqdm
 
-        from xbmd.errors import XbmdError
+        from xbmd.errors import InputError, XbmdError
         from xbmd.estimation.estimator import Estimator
         from xbmd.estimation.output import summary_line, write_csv, write_results
+        from xbmd.io.inputs import gather_inputs, write_skipped
 
+        gathered = gather_inputs(images)
+        if gathered.skipped:
+            write_skipped(gathered.skipped, out / "skipped.csv")
+        images = gathered.images
+        if not images:
+            raise InputError(
+                f"no radiographs to estimate ({len(gathered.skipped)} files skipped, "
+                f"listed in {out / 'skipped.csv'})"
+            )
         estimator = Estimator(model, reference=reference.value)
         names = _folder_names(images)
         results, failures = [], []
@@ -77,7 +110,9 @@ def main(
                 found = estimator.estimate(
                     path, pixel_spacing, unilateral.value if unilateral else None
                 )
-                write_results(found, out, name)
+                if dicom_out is not None:
+                    _write_dicom(found, path, dicom_out, name)
+                write_results(found, out, name, figures=figures)
             except XbmdError as exc:
                 failures.append({"image": str(path), "error": str(exc)})
                 tqdm.write(f"error: {exc}", file=_stderr())
@@ -95,6 +130,8 @@ def main(
         typer.echo(json.dumps([r.to_dict() for r in results] + failures, indent=2))
     n_ok = len({r.image for r in results})
     tail = f"   failures: {out / 'failures.csv'}" if failures else ""
+    if gathered.skipped:
+        tail += f"   {len(gathered.skipped)} files skipped: {out / 'skipped.csv'}"
     typer.echo(
         f"{len(results)} hips of {n_ok} images estimated, {len(failures)} images failed; "
         f"results: {out / 'results.csv'}{tail}",
@@ -104,6 +141,20 @@ def main(
         raise typer.Exit(code=1)
     if failures:
         raise typer.Exit(code=2)
+
+
+def _write_dicom(found: list, path: Path, folder: Path, name: str) -> None:
+    """The SR and SC of one radiograph into ``folder``; their paths and UIDs into the results."""
+    from tqdm import tqdm
+
+    from xbmd.pacs.outputs import dicom_outputs, read_header, write_outputs
+
+    if found[0].xray.meta.get("format") != "dicom":
+        tqdm.write(f"{path}: not DICOM, no SR or SC written", file=_stderr())
+        return
+    written = write_outputs(dicom_outputs(read_header(path), found), folder, name)
+    for r in found:
+        r.files.update(written)
 
 
 def _stderr():

@@ -59,7 +59,7 @@ from xbmd.dataset.hip import (
 from xbmd.errors import InputError, XbmdError
 from xbmd.estimation.result import HipResult, region_area_mm2
 from xbmd.geometry import SIDES
-from xbmd.io.xray import XRay, read_xray, xray_geometry
+from xbmd.io.xray import DICOM_ID_KEYS, XRay, read_xray, xray_geometry
 from xbmd.model.localiser import locate_heads
 from xbmd.similarity import field_mask
 from xbmd.tscore import (
@@ -305,6 +305,7 @@ class Estimator:
             model=self.model_info,
             pixel_spacing_mm=tuple(xray.pixel_spacing_mm),
             spacing_source=xray.spacing_source,
+            dicom_ids={key: xray.meta.get(key) for key in DICOM_ID_KEYS},
             **scores,
         )
 

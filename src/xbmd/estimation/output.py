@@ -50,12 +50,18 @@ def write_csv(rows: list[HipResult], path: str | Path) -> Path:
     return path
 
 
-def write_results(results: list[HipResult], out_dir: str | Path, name: str | None = None) -> Path:
+def write_results(
+    results: list[HipResult],
+    out_dir: str | Path,
+    name: str | None = None,
+    figures: bool = True,
+) -> Path:
     """Write the results of one radiograph into ``out_dir/<name>/`` (name: the image's stem).
 
     Per hip, ``<side>/``: result.json, virtual_xray.npy (float32 g/cm2, S x S, canonical),
-    pf_region.npy (bool), virtual_xray.png, overlay.png; per image: overview.png. Fills
-    ``result.files``. Returns the image's folder.
+    pf_region.npy (bool), and with ``figures`` virtual_xray.png, overlay.png; per image:
+    overview.png. Adds to ``result.files`` (entries already there, e.g. DICOM outputs, are
+    kept). Returns the image's folder.
     """
     if not results:
         raise InputError("no results to write")
@@ -66,13 +72,16 @@ def write_results(results: list[HipResult], out_dir: str | Path, name: str | Non
         np.save(hip / "virtual_xray.npy", r.virtual_xray_g_cm2.astype(np.float32))
         np.save(hip / "pf_region.npy", r.pf_region.astype(bool))
         r.files = {
+            **r.files,
             "virtual_xray_npy": str(hip / "virtual_xray.npy"),
             "pf_region_npy": str(hip / "pf_region.npy"),
-            "virtual_xray_png": str(write_virtual_xray_png(r, hip / "virtual_xray.png")),
-            "overlay_png": str(write_overlay_png(r, hip / "overlay.png")),
-            "overview_png": str(folder / "overview.png"),
-            "result_json": str(hip / "result.json"),
         }
+        if figures:
+            r.files["virtual_xray_png"] = str(write_virtual_xray_png(r, hip / "virtual_xray.png"))
+            r.files["overlay_png"] = str(write_overlay_png(r, hip / "overlay.png"))
+            r.files["overview_png"] = str(folder / "overview.png")
+        r.files["result_json"] = str(hip / "result.json")
         (hip / "result.json").write_text(json.dumps(r.to_dict(), indent=2) + "\n")
-    write_overview_png(results, folder / "overview.png")
+    if figures:
+        write_overview_png(results, folder / "overview.png")
     return folder

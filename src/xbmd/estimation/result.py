@@ -12,7 +12,7 @@ from scipy import ndimage
 from xbmd import __version__
 from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HipCrop
 from xbmd.geometry import rounded
-from xbmd.io.xray import XRay
+from xbmd.io.xray import DICOM_ID_KEYS, XRay
 
 #: results.csv columns.
 CSV_COLUMNS = (
@@ -30,6 +30,7 @@ CSV_COLUMNS = (
     "n_warnings",
     "warnings",
     "result_json",
+    *DICOM_ID_KEYS,
 )
 
 
@@ -40,7 +41,7 @@ class HipResult:
     ``virtual_xray_g_cm2`` (S, S) float32 and ``pf_region`` (S, S) bool are at model resolution,
     canonical (right-hip) orientation; a model pixel is ``virtual_xray_pixel_mm`` detector mm.
     ``xray`` is the radiograph, for the figures (None once they are written). ``files`` is filled by
-    :meth:`Estimator.write`. :meth:`to_dict` is the content of ``result.json``.
+    ``xbmd.estimation.output.write_results``. :meth:`to_dict` is the content of ``result.json``.
     """
 
     image: str
@@ -68,6 +69,8 @@ class HipResult:
     spacing_source: str
     seconds: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
+    #: The source's DICOM identifiers (``xbmd.io.xray.DICOM_ID_KEYS``; None when not DICOM).
+    dicom_ids: dict[str, str | None] = field(default_factory=dict)
 
     @property
     def virtual_xray_pixel_mm(self) -> float:
@@ -80,6 +83,7 @@ class HipResult:
     def to_dict(self) -> dict:
         out = {
             "image": self.image,
+            **{key: self.dicom_ids.get(key) for key in DICOM_ID_KEYS},
             "side": self.side,
             "bmd_g_cm2": _num(self.bmd_g_cm2),
             "bmd_drr_g_cm2": _num(self.bmd_drr_g_cm2),

@@ -46,6 +46,13 @@ from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
 
 SPACING_SOURCES = ("ImagerPixelSpacing", "PixelSpacing", "user", "none")
+#: XRay.meta keys of the identifiers that link a result to its DICOM study (None when not DICOM).
+DICOM_ID_KEYS = {
+    "study_instance_uid": "StudyInstanceUID",
+    "series_instance_uid": "SeriesInstanceUID",
+    "sop_instance_uid": "SOPInstanceUID",
+    "accession_number": "AccessionNumber",
+}
 ACCEPTED_MODALITIES = ("DX", "CR")
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -101,7 +108,8 @@ class XRay:
     meta : dict
         Acquisition facts: 'format', 'modality', 'photometric', 'sdd_mm', 'sod_mm',
         'patient_age_years', 'patient_sex', 'view_position', 'laterality', 'bits_stored',
-        'transfer_syntax', 'manufacturer', 'presentation_intent', ... (None when absent).
+        'transfer_syntax', 'manufacturer', 'presentation_intent', ... (None when absent); the
+        DICOM identifiers ``DICOM_ID_KEYS`` (None for PNG, JPEG, TIFF).
     warnings : list of str
         Why measurements on this image may be unreliable.
     """
@@ -448,6 +456,7 @@ def _dicom_meta(
         "window": _window(ds) if voi_kind == "window" else None,
         "inverted": inversion_range is not None,
         "inversion_range": inversion_range,
+        **{key: _text(ds, keyword) for key, keyword in DICOM_ID_KEYS.items()},
     }
 
 
@@ -528,7 +537,7 @@ def _read_pillow(path: Path, kind: str) -> XRay:
     except (*_PILLOW_ERRORS, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: unreadable {kind.upper()} ({exc})") from exc
     notes = [WARN_NOT_DICOM] + ([WARN_LOSSY] if kind == "jpeg" else [])
-    meta = {"format": kind, "mode": mode, "dtype": str(arr.dtype)}
+    meta = {"format": kind, "mode": mode, "dtype": str(arr.dtype), **dict.fromkeys(DICOM_ID_KEYS)}
     return XRay(arr, None, "none", str(path), meta, notes)
 
 
@@ -583,7 +592,12 @@ def _read_tiff(path: Path) -> XRay:
     if photometric == "MINISWHITE":  # TIFF's MONOCHROME1: low values display white
         low, high = _dtype_range(arr)
         values = low + high - values
-    meta = {"format": "tiff", "photometric": photometric, "dtype": str(arr.dtype)}
+    meta = {
+        "format": "tiff",
+        "photometric": photometric,
+        "dtype": str(arr.dtype),
+        **dict.fromkeys(DICOM_ID_KEYS),
+    }
     return XRay(values, None, "none", str(path), meta, [WARN_NOT_DICOM])
 
 
