@@ -14,7 +14,6 @@ import torch
 
 from xbmd.dataset.format import REQUIRED_COLUMNS, load_sample, radiograph_arrays
 from xbmd.dataset.hip import CROP_SIZE_PX, HEAD_POSITION
-from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.geometry import SIDES
 from xbmd.learn.localiser import View, localiser_training_set, render_views, train_localiser
@@ -29,7 +28,7 @@ from xbmd.model.localiser import (
     preprocess,
 )
 from xbmd.stages import write_csv, write_npz
-from xbmd.synth.cohort import SynthSettings, generate_cohort
+from xbmd.synth.cohort import SynthSettings
 
 #: Small enough to learn the toy problem in seconds on one core.
 TOY = LocaliserSettings(
@@ -146,25 +145,24 @@ def test_training_set_has_every_radiograph_with_unknown_sides_as_none(toy):
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A real ``xbmd prepare`` dataset: one virtual case, one DICOM radiograph, both hips."""
-    out = tmp_path_factory.mktemp("prepared")
-    generate_cohort(out / "cohort", cases=1, seed=11, settings=TINY_COHORT, progress=False)
-    prepare_dataset(
-        out / "cohort/manifest.csv", out / "dataset", use_known_poses=True, progress=False
-    )
-    return out / "dataset"
+def prepared(tiny_dataset):
+    """A real ``xbmd prepare`` dataset: three virtual cases, one DICOM radiograph each."""
+    return tiny_dataset
 
 
 def test_a_prepared_dataset_gives_its_radiographs_and_heads(prepared):
-    (image,) = localiser_training_set(prepared)
-    assert image.xray.suffix == ".npz" and image.xray.is_file()
-    assert image.heads["right"][1] < image.heads["left"][1]  # AP: patient's right on image left
-    with np.load(image.xray) as stored:
-        scale = stored["scale_rc"]
-        assert max(stored["pixels"].shape) <= 512 and stored["pixels"].dtype == np.float32
+    images = {image.xray.parent.name: image for image in localiser_training_set(prepared)}
+    assert len(images) == 3
+    for image in images.values():
+        assert image.xray.suffix == ".npz" and image.xray.is_file()
+        assert image.heads["right"][1] < image.heads["left"][1]  # AP: right on image left
+        with np.load(image.xray) as stored:
+            assert max(stored["pixels"].shape) <= 512 and stored["pixels"].dtype == np.float32
     with (prepared / "index.csv").open() as fh:
         for row in csv.DictReader(fh):
+            image = images[row["case_id"]]
+            with np.load(image.xray) as stored:
+                scale = stored["scale_rc"]
             # the head centre is where the hip crop puts it (the estimator crops the same way),
             # in the reduced radiograph's pixels
             meta = load_sample(prepared / row["file"]).meta
@@ -173,7 +171,7 @@ def test_a_prepared_dataset_gives_its_radiographs_and_heads(prepared):
             reduced = (head + crop_to_image[:, 2] + 0.5) * scale - 0.5
             np.testing.assert_allclose(reduced, image.heads[row["side"]], atol=1e-3)
     _, report = train_localiser(prepared, QUICK, progress=False)  # reads only the dataset
-    assert report["n_images"] == 1 and report["n_heads"] == 2
+    assert report["n_images"] == 3 and report["n_heads"] == 6
 
 
 def test_unknown_side_is_left_out_of_the_loss():

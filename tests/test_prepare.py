@@ -19,7 +19,7 @@ from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.registration.optimise import RegistrationSettings
-from xbmd.synth.cohort import SynthSettings, generate_cohort
+from xbmd.synth.cohort import SynthSettings
 
 #: Coarse enough for seconds per case; the same code paths as the 1 mm default.
 TINY = SynthSettings(ct_spacing_mm=3.0, xray_spacing_mm=1.6, poses=1, phantomless_fraction=0.0)
@@ -27,15 +27,13 @@ HEAD_PX = (HEAD_POSITION[0] * CROP_SIZE_PX, HEAD_POSITION[1] * CROP_SIZE_PX)
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cohort")
-    summary = generate_cohort(out, cases=2, seed=11, settings=TINY, workers=1, progress=False)
-    assert summary["succeeded"] == 2
-    return out
+def cohort(tiny_cohort):
+    return tiny_cohort
 
 
 @pytest.fixture(scope="module")
 def dataset(cohort, tmp_path_factory):
+    """A dataset these tests may add to (resuming): prepared here, not the shared one."""
     out = tmp_path_factory.mktemp("prepared") / "dataset"
     summary = prepare_dataset(cohort / "manifest.csv", out, use_known_poses=True, progress=False)
     return out, summary
@@ -94,7 +92,7 @@ def test_crop_resampling_is_bilinear_mirrored_and_masked():
 
 def test_samples_hold_the_crop_and_its_drrs(dataset):
     out, summary = dataset
-    assert summary["samples_written"] == 4 and summary["samples_failed"] == 0
+    assert summary["samples_written"] == 6 and summary["samples_failed"] == 0
     for row in _index(out):
         sample = load_sample(out / row["file"])
         arrays, meta = sample.arrays, sample.meta
@@ -119,7 +117,7 @@ def test_samples_hold_the_crop_and_its_drrs(dataset):
 def test_left_hips_are_mirrored_and_map_back_to_the_radiograph(dataset, cohort):
     out, _ = dataset
     rows = _index(out)
-    assert sorted(r["side"] for r in rows) == ["left", "left", "right", "right"]
+    assert sorted(r["side"] for r in rows) == ["left"] * 3 + ["right"] * 3
     for row in rows:
         meta = load_sample(out / row["file"]).meta
         side = row["side"]
@@ -156,11 +154,11 @@ def test_labels_are_the_truth(dataset, cohort):
 def test_index_summary_and_logs(dataset):
     out, _ = dataset
     rows = _index(out)
-    assert tuple(rows[0]) == INDEX_COLUMNS and len(rows) == 4
+    assert tuple(rows[0]) == INDEX_COLUMNS and len(rows) == 6
     assert all((out / r["file"]).exists() for r in rows)
     assert rows[0]["xray"] == "cases/case_VQ0001/xray_01.dcm"  # as written in the manifest
     meta = json.loads((out / "prepare.json").read_text())
-    assert meta["samples_in_index"] == 4 and meta["xbmd_version"]
+    assert meta["samples_in_index"] == 6 and meta["xbmd_version"]
     assert meta["dataset_settings"]["pose_source"] == "known"
     assert list(csv.DictReader((out / "failures.csv").open())) == []
     log = (out / "logs" / "case_VQ0001.log").read_text()
@@ -171,7 +169,7 @@ def test_a_second_run_resumes(dataset, cohort):
     out, _ = dataset
     index = (out / "index.csv").read_text()
     again = prepare_dataset(cohort / "manifest.csv", out, use_known_poses=True, progress=False)
-    assert again["samples_written"] == 0 and again["samples_skipped"] == 4
+    assert again["samples_written"] == 0 and again["samples_skipped"] == 6
     assert (out / "index.csv").read_text() == index
     with pytest.raises(InputError, match="other settings"):
         prepare_dataset(cohort / "manifest.csv", out, use_known_poses=False, progress=False)
@@ -182,7 +180,7 @@ def test_a_second_run_resumes(dataset, cohort):
 
 
 def test_broken_cases_are_reported_and_the_rest_written(cohort, tmp_path):
-    good, other = read_manifest(cohort / "manifest.csv")
+    good, other, *_ = read_manifest(cohort / "manifest.csv")
     corrupt = tmp_path / "corrupt_ct.nii.gz"
     corrupt.write_bytes(b"not a NIfTI file" * 100)
     copies = [tmp_path / f"copy_{x.name}" for x in good.xrays]  # one radiograph, one case
@@ -288,7 +286,7 @@ def test_registered_poses_are_saved_and_reused(cohort, tmp_path):
 
 
 def test_another_patients_radiograph_is_refused(cohort, tmp_path):
-    own, other = read_manifest(cohort / "manifest.csv")
+    own, other, *_ = read_manifest(cohort / "manifest.csv")
     wrong = replace(own, xrays=other.xrays)  # the other patient's radiograph (DICOM Patient ID)
     write_manifest([wrong], tmp_path / "manifest.csv")
     out = tmp_path / "dataset"
@@ -299,7 +297,7 @@ def test_another_patients_radiograph_is_refused(cohort, tmp_path):
 
 
 def test_changed_inputs_are_made_again_and_removed_radiographs_leave(cohort, tmp_path):
-    own, other = read_manifest(cohort / "manifest.csv")
+    own, other, *_ = read_manifest(cohort / "manifest.csv")
     case_dir = tmp_path / "case"
     shutil.copytree(own.ct.parent, case_dir)
     mine = replace(
@@ -330,7 +328,7 @@ def test_changed_inputs_are_made_again_and_removed_radiographs_leave(cohort, tmp
 
 
 def test_a_radiograph_listed_twice_is_reported_once(cohort, tmp_path):
-    own, other = read_manifest(cohort / "manifest.csv")
+    own, other, *_ = read_manifest(cohort / "manifest.csv")
     twice = replace(other, xrays=[*own.xrays])  # own's radiograph again, in another case
     write_manifest([own, twice], tmp_path / "manifest.csv")
     summary = prepare_dataset(

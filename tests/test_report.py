@@ -10,17 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xbmd.evaluation.report import (
-    GALLERY_MAX_PNG_BYTES,
-    TooFewValuesError,
+from xbmd.evaluation.numbers import TooFewValuesError, fmt_number, fmt_p
+from xbmd.evaluation.plots import (
     bland_altman_plot,
     bmd_at_t_thresholds,
-    fmt_number,
-    fmt_p,
     pose_spread_plot,
     scatter_plot,
-    write_report,
 )
+from xbmd.evaluation.report import GALLERY_MAX_PNG_BYTES, write_report
 
 #: NHANES III young white women, total hip (g/cm2): T = (BMD - 0.942) / 0.122.
 T_MEAN, T_SD = 0.942, 0.122

@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 from xbmd.cli import app
 from xbmd.dataset.format import load_sample, read_index
-from xbmd.dataset.prepare import prepare_dataset
 from xbmd.errors import InputError
 from xbmd.learn import config as cfg
 from xbmd.learn.data import augment, patient_split
@@ -29,7 +28,7 @@ from xbmd.learn.losses import (
 from xbmd.model.bundle import load_bundle
 from xbmd.model.inputs import model_input, region_bmd
 from xbmd.model.networks import Generator, build_generator
-from xbmd.synth.cohort import SynthSettings, generate_cohort
+from xbmd.synth.cohort import SynthSettings
 
 TINY = SynthSettings(ct_spacing_mm=3.0, xray_spacing_mm=1.6, poses=1, phantomless_fraction=0.0)
 #: A network small enough to take a few steps in seconds.
@@ -44,12 +43,8 @@ SMALL = {
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    cohort = tmp_path_factory.mktemp("cohort")
-    generate_cohort(cohort, cases=3, seed=21, settings=TINY, workers=1, progress=False)
-    out = tmp_path_factory.mktemp("prepared") / "dataset"
-    prepare_dataset(cohort / "manifest.csv", out, use_known_poses=True, progress=False)
-    return out
+def dataset(tiny_dataset):
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")

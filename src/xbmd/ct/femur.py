@@ -213,7 +213,7 @@ def measure_femur(
     Examples
     --------
     >>> bmd = measure_femur(ct_mg_cm3, labels, 4, landmarks["left"])  # doctest: +SKIP
-    >>> bmd.ct_abmd_g_cm2
+    >>> bmd.ct_abmd_g_cm2  # doctest: +SKIP
     0.83
     """
     proj = neutral_projection(density, labels, label_id, landmarks, pixel_mm)
