@@ -454,9 +454,17 @@ def incident_quanta_per_pixel(
 
 
 def quantum_noise(expected_quanta: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Poisson-distributed detected quanta with the given means (rows, cols); float32."""
+    """Poisson-distributed detected quanta with the given means (rows, cols); float32.
+
+    Drawn from a child generator seeded by one draw of ``rng``: ``Generator.poisson`` is a
+    rejection sampler whose count of draws depends on the means, so a last-bit difference of a
+    mean (another CPU's float path) would shift the stream of everything ``rng`` draws after it
+    (the next radiograph's pose and device) and a cohort would differ between CPUs. This way
+    only the noise itself can differ.
+    """
     lam = np.clip(np.asarray(expected_quanta, dtype=np.float64), 0.0, None)
-    return rng.poisson(lam).astype(np.float32)
+    child = np.random.default_rng(int(rng.integers(0, 2**63 - 1)))
+    return child.poisson(lam).astype(np.float32)
 
 
 def detector_response(
