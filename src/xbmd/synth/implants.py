@@ -22,7 +22,10 @@ The metal replaces bone and soft tissue where it lies (:class:`xbmd.synth.metal.
 it is labelled ``IMPLANT_LABEL`` in labels.nii.gz (metal fraction at least 0.5) and moves with
 the bone that carries it in the radiographs. Implants are drawn from their own random stream
 (the patient's seed and ``IMPLANT_STREAM``), after the patient's mineral has been scaled to its
-target, so everything else about the patient is the same with or without them, and a larger
+target, so the patient's anatomy, bone density and CT scanner are the same with or without
+them; so are the radiographs' devices and poses with ``--sessions`` (each radiograph has its
+own stream there), and the first radiograph's without (later ones differ: the metal changes
+how many draws the first one's quantum noise takes from the shared stream). A larger
 ``--implant-fraction`` adds implants to more patients without changing those that had one.
 """
 

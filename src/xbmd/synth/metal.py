@@ -9,11 +9,12 @@ before the PSF, so the metal blooms) and for the streaks of the reconstruction
 
 Streaks, cheaply: per axial slice, on a 2 mm grid, the metal's projections p (cm of metal,
 weighted by its attenuation relative to titanium) over 90 parallel views; beam hardening and
-photon starvation make the measured line integrals fall short by ``a p^2`` with a noise of
-``b p^2``; filtered back-projection of that error is the artefact: dark bands along the rays
-through most metal (between two metal parts, along a stem), bright and dark streaks radiating
-from it. Every second slice, linearly interpolated between; the clinical reconstruction's
-detail (fan beam, helical, metal artefact reduction) is not modelled.
+photon starvation make the measured line integrals fall short by ``a g(p)`` with a noise of
+``b g(p)`` (``g`` quadratic for thin metal, saturating for thick: ``STREAK_*``); filtered
+back-projection of that error is the artefact: dark bands along the rays through most metal
+(between two metal parts, along a stem), bright and dark streaks radiating from it. Every
+second slice, linearly interpolated between; the clinical reconstruction's detail (fan beam,
+helical, metal artefact reduction) is not modelled.
 """
 
 from __future__ import annotations
@@ -34,10 +35,12 @@ from xbmd.volume import Volume, box_affine
 
 #: Material codes of MetalVoxels.material -> the attenuation table's names.
 METALS = ("ti6al4v", "cocrmo", "ss316l")
-#: The artefact's streak strength: line-integral shortfall a p^2 and its noise b p^2 (p in cm
-#: of titanium-equivalent metal); chosen by eye so that a hip replacement's streaks reach a few
-#: hundred HU near the metal, as on clinical CT without metal artefact reduction.
-STREAK_BH, STREAK_NOISE = 0.05, 0.02
+#: The artefact's streak strength: line-integral shortfall a g(p) and its noise b g(p), with
+#: g(p) = p^2 / (1 + (p / p_s)^2) (p in cm of titanium-equivalent metal: quadratic for thin
+#: metal, saturating for thick); chosen by eye so that a hip replacement's streaks reach a few
+#: hundred HU near the metal and fade with distance, as on clinical CT without metal artefact
+#: reduction.
+STREAK_BH, STREAK_NOISE, STREAK_SATURATION_CM = 0.08, 0.03, 2.5
 STREAK_VIEWS = 90
 #: Reference energy (keV) at which the metals' relative weights for the streaks are taken.
 STREAK_KEV = 70.0
@@ -128,11 +131,11 @@ def _upsample_plane(coarse: np.ndarray, factor: int, shape: tuple[int, int]) -> 
 
 def _streaks(metal_cm: np.ndarray, pixel_cm: float, rng: np.random.Generator) -> np.ndarray:
     """Reconstruction error (1/cm) of one slice whose metal chord per pixel is ``metal_cm``:
-    parallel projections of the metal p (cm), error -a p^2 + b p^2 N(0, 1), filtered
+    parallel projections of the metal p (cm), error -a g(p) + b g(p) N(0, 1), filtered
     back-projection."""
     sino = project(metal_cm)
-    p2 = sino**2
-    error = -STREAK_BH * p2 + STREAK_NOISE * p2 * rng.standard_normal(sino.shape)
+    g = sino**2 / (1.0 + (sino / STREAK_SATURATION_CM) ** 2)
+    error = -STREAK_BH * g + STREAK_NOISE * g * rng.standard_normal(sino.shape)
     return backproject(error, metal_cm.shape, pixel_cm)
 
 

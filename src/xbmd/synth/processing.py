@@ -74,6 +74,25 @@ def fill_outside(image: np.ndarray, field_mask: np.ndarray, sigma_px: float) -> 
     return np.where(field_mask, image, fill).astype(np.float32)
 
 
+def _kept(field_mask: np.ndarray, exclude_mask: np.ndarray | None) -> np.ndarray:
+    """The field without the excluded (metal) pixels."""
+    return field_mask if exclude_mask is None else field_mask & ~exclude_mask
+
+
+def restore_excluded(
+    enhanced: np.ndarray, norm: np.ndarray, exclude_mask: np.ndarray | None
+) -> np.ndarray:
+    """Put excluded (metal) pixels back after enhancement, at least as bright as they were.
+
+    Vendors keep metal out of their multi-scale decomposition: the enhancement runs on an image
+    whose metal is filled in from its surroundings (``fill_outside``), so a nail's huge
+    contrast does not flatten the bone around it by the latitude compression, and the metal
+    comes back white afterwards."""
+    if exclude_mask is None:
+        return enhanced
+    return np.where(exclude_mask, np.maximum(enhanced, norm), enhanced).astype(np.float32)
+
+
 def multiscale_enhance(
     image: np.ndarray, field_mask: np.ndarray, pixel_spacing_mm, device: XrayDevice
 ) -> tuple[np.ndarray, dict]:
@@ -177,9 +196,9 @@ def process(
     low, high = window_levels(log_image, region, device.window_percentiles)
     norm = np.clip((log_image - low) / (high - low), -0.3, 1.6)
     px = float(np.mean(_spacing_pair(pixel_spacing_mm)))
-    filled = fill_outside(norm, field_mask, 10.0 / px)
+    filled = fill_outside(norm, _kept(field_mask, exclude_mask), 10.0 / px)
     enhanced, levels = multiscale_enhance(filled, field_mask, pixel_spacing_mm, device)
-    enhanced = np.where(field_mask, enhanced, norm)
+    enhanced = restore_excluded(np.where(field_mask, enhanced, norm), norm, exclude_mask)
     low2, high2 = window_levels(enhanced, region, device.window_percentiles)
     median = window_levels(enhanced, region, (50.0, 50.0))[0]
     # the anatomy's median (mostly soft tissue) a little below the LUT centre, the bright end

@@ -26,14 +26,19 @@ from scipy import ndimage
 from xbmd.synth.device import OUTSIDE_FIELD, PHOTOMETRICS, XrayDevice
 from xbmd.synth.physics import _spacing_pair, gaussian_px
 from xbmd.synth.processing import (
+    _kept,
     anatomy_region,
     fill_outside,
     log_signal,
     multiscale_enhance,
+    restore_excluded,
     window_levels,
 )
 
 RESPONSES = ("log", "linear", "power")
+#: How often each response is drawn: a linear response leaves the thick trunk washed out, as
+#: raw-like exports do; rarer than the log that every vendor applies.
+RESPONSE_WEIGHTS = (0.5, 0.15, 0.35)
 FILTERS = ("noise_reduction", "enhancement", "unsharp_mask")
 LUT_SHAPES = ("sigmoid", "gamma", "linear", "exponential", "spline")
 BITS_STORED = (8, 10, 12, 14, 15, 16)
@@ -47,7 +52,7 @@ def _u(rng: np.random.Generator, low: float, high: float) -> float:
 
 def sample_graph(rng: np.random.Generator) -> dict:
     """Draw a randomised processing graph (JSON-serialisable; see the module docstring)."""
-    response = str(rng.choice(RESPONSES))
+    response = str(rng.choice(RESPONSES, p=RESPONSE_WEIGHTS))
     graph: dict = {"response": {"kind": response}}
     if response == "power":
         graph["response"]["exponent"] = _u(rng, 0.25, 0.75)
@@ -200,7 +205,7 @@ def process_graph(
     region = anatomy_region(log_signal(signal, n0_quanta), field_mask, exclude_mask)
     low, high = window_levels(image, region, tuple(graph["window"]["percentiles"]))
     norm = np.clip((image - low) / (high - low), -0.3, 1.6).astype(np.float32)
-    out = fill_outside(norm, field_mask, 10.0 / px)
+    out = fill_outside(norm, _kept(field_mask, exclude_mask), 10.0 / px)
     for step in graph["steps"]:
         if step["step"] == "noise_reduction":
             out = _noise_reduction(out, step, px)
@@ -208,7 +213,7 @@ def process_graph(
             out = _unsharp(out, step, px)
         else:
             out = _enhance(out, field_mask, spacing, device, step)
-    out = np.where(field_mask, out, norm)
+    out = restore_excluded(np.where(field_mask, out, norm), norm, exclude_mask)
     low2, high2 = window_levels(out, region, tuple(graph["window2"]["percentiles"]))
     display = apply_lut((out - low2) / (high2 - low2), graph["lut"])
     levels = {

@@ -11,13 +11,17 @@ Series Number = its pose in the session.
 ``sessions = 0`` (the default) keeps the layout of cohorts made before sessions existed: every
 radiograph has its own device, drawn from the patient's main random stream in the same order as
 then, so such cohorts are byte-identical to earlier ones (each radiograph is then a session of
-one, with its own study). With ``sessions >= 1`` a session's device comes from its own child
-stream (``[seed, DEVICE_STREAM, session]``), so the poses are drawn from the main stream as
-before. Which families a device may come from (``device_families``) and whether its processing
-is the family's or a randomised graph (``processing``: 'fixed', 'random', 'mixed') are cohort
-settings (``xbmd.synth.cohort.SynthSettings``); the graphs come from their own child stream.
-Study dates come from another child stream: the first visit in 2021-2023, later ones 4 weeks
-to 18 months apart.
+one, with its own study). With ``sessions >= 1`` every draw has its own child stream of the
+patient's seed: a session's device ``[seed, DEVICE_STREAM, session]``, a radiograph's geometry,
+pose, collimation, marker and noise ``[seed, XRAY_STREAM, session, pose]``; so a cohort with
+more sessions or poses holds the same first ones, and an implant (whose metal changes how many
+draws the quantum noise takes) changes nothing else.
+
+Which families a device may come from (``device_families``) and whether its processing is the
+family's or a randomised graph (``processing``: 'fixed', 'random', 'mixed') are cohort settings
+(``xbmd.synth.cohort.SynthSettings``); the graphs come from their own child stream. Study dates
+come from another child stream: the first visit in 2021-2023, later ones 4 weeks to 18 months
+apart.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from xbmd.synth.xray_scene import SceneBodies, body_poses, projected_landmarks, 
 from xbmd.synth.xray_scene import sample_motions as sample_xray_motions
 
 #: Child streams of the patient seed (``np.random.default_rng([seed, stream, ...])``).
-DATE_STREAM, DEVICE_STREAM, GRAPH_STREAM = 7301, 7302, 7303
+DATE_STREAM, DEVICE_STREAM, GRAPH_STREAM, XRAY_STREAM = 7301, 7302, 7303, 7305
 PROCESSING_MODES = ("fixed", "random", "mixed")
 #: Share of devices with a randomised processing graph in the 'mixed' mode.
 MIXED_RANDOM_SHARE = 0.5
@@ -122,7 +126,8 @@ def write_radiographs(
     anatomy: Anatomy, patient: Patient, settings, rng: np.random.Generator, case_dir: Path
 ) -> tuple[list[dict], list[dict] | None]:
     """Render, expose and write the patient's radiographs; returns their truth records and,
-    with ``settings.sessions >= 1``, the sessions' records (else None)."""
+    with ``settings.sessions >= 1``, the sessions' records (else None). ``rng`` is the patient's
+    main stream, used (and advanced) only without sessions."""
     legacy = settings.sessions == 0
     if legacy:  # each radiograph its own session, its device from the main stream
         schedule = [(n + 1, 1) for n in range(settings.poses)]
@@ -135,18 +140,21 @@ def write_radiographs(
     for n, (number, pose) in enumerate(schedule):
         session = sessions[number - 1]
         if legacy:
+            draws = rng
             device = draw_device(rng, settings, patient.seed, n)
-        elif pose == 1:
-            device_rng = np.random.default_rng([patient.seed, DEVICE_STREAM, number])
-            device = draw_device(device_rng, settings, patient.seed, 1000 + number)
+        else:
+            draws = np.random.default_rng([patient.seed, XRAY_STREAM, number, pose])
+            if pose == 1:
+                device_rng = np.random.default_rng([patient.seed, DEVICE_STREAM, number])
+                device = draw_device(device_rng, settings, patient.seed, 1000 + number)
         att = attenuation_at(device.effective_energy_kev)
         if bodies is None:
             bodies = SceneBodies(anatomy, att.mu_water_per_cm, att.bone_excess_cm2_g)
             reference = att
             if anatomy.metal is not None:
                 metal = MetalBodies(anatomy.metal, anatomy.affine, anatomy.labels.shape)
-        geometry = sample_geometry(rng, anatomy, settings.xray_spacing_mm, device.sdd_mm)
-        motions = sample_xray_motions(rng, standard=(n == 0) if legacy else (pose == 1))
+        geometry = sample_geometry(draws, anatomy, settings.xray_spacing_mm, device.sdd_mm)
+        motions = sample_xray_motions(draws, standard=(n == 0) if legacy else (pose == 1))
         poses = body_poses(anatomy, motions)
         line = bodies.line_integral(
             poses,
@@ -159,13 +167,13 @@ def write_radiographs(
             metal_li = metal.line_integral(poses, geometry, device.effective_energy_kev)
             line = line + metal_li
             exclude = metal_li > METAL_EXCLUDE_LI
-        field = collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
-        marker = str(rng.choice(["R", "L"]))
+        field = collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, draws)
+        marker = str(draws.choice(["R", "L"]))
         pixels, exposure = expose(
             line,
             pixel_spacing_mm=geometry.pixel_spacing_mm,
             device=device,
-            rng=rng,
+            rng=draws,
             field_mask=field,
             marker=marker,
             geometry=geometry,
