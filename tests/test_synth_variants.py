@@ -210,6 +210,11 @@ def test_sessions_share_device_and_study_and_differ_across(sessions):
         assert a.StudyInstanceUID == b.StudyInstanceUID and a.StudyDate == b.StudyDate
         assert a.AccessionNumber == b.AccessionNumber and a.StudyID == b.StudyID
         assert float(a.KVP) == float(b.KVP) == records[idx[0]]["device"]["kvp"]
+        # ... which a reader gets from the file
+        meta = read_xray(case_dir / records[idx[0]]["dicom"]).meta
+        assert meta["kvp"] == records[idx[0]]["device"]["kvp"]
+        assert meta["manufacturer_model"] == records[idx[0]]["device"]["model"]
+        assert meta["study_instance_uid"] == a.StudyInstanceUID
         assert a.ManufacturerModelName == b.ManufacturerModelName
         # the whole device, every setting (processing included), is the session's
         assert records[idx[0]]["device"] == records[idx[1]]["device"]
