@@ -4,7 +4,7 @@
 metal volume fraction, material and the body they move with), as ``xbmd.synth.implants`` makes
 it. The scanner (``xbmd.synth.scanner.scan``) asks it for the metal's HU (:meth:`add_to_ct`,
 before the PSF, so the metal blooms) and for the streaks of the reconstruction
-(:meth:`ct_artefacts`); the radiographs add the metal's line integral at each device's energy
+(:meth:`add_ct_artefacts`); the radiographs add the metal's line integral at each device's energy
 (:class:`MetalBodies`), posed with the bone that carries it.
 
 Streaks, cheaply: per axial slice, on a 2 mm grid, the metal's projections p (cm of metal,
@@ -80,10 +80,11 @@ class MetalVoxels:
         )  # fmt: skip
         hu[self.index] += self.fraction * metal_hu[self.material]
 
-    def ct_artefacts(self, shape: tuple[int, int, int], spacing_mm) -> np.ndarray:
-        """Streak artefacts in HU (float32, ``shape``), from the metal (module docstring)."""
+    def add_ct_artefacts(self, hu: np.ndarray, spacing_mm) -> None:
+        """Add the metal's streak artefacts (HU, module docstring) to ``hu`` (K, J, I; float32;
+        the grid of :meth:`add_to_ct`), in place, slice by slice through the metal."""
         spacing = np.asarray(spacing_mm, float)  # (x, y, z)
-        out = np.zeros(shape, np.float32)
+        shape = hu.shape
         k = self.index[0]
         k0, k1 = int(k.min()), int(k.max()) + 1
         f_xy = max(1, round(2.0 / float(spacing[:2].mean())))
@@ -112,14 +113,17 @@ class MetalVoxels:
             np.add.at(area, (jj[sel], ii[sel]), cm[sel])
             # area / pixel side: the metal's mean chord through the coarse pixel, cm
             slabs[kk] = _streaks(area / pixel_cm, pixel_cm, rng) * np.float32(1000.0 / mu_water)
+        done = set()
         for a, b in itertools.pairwise(planes):
             for kk in range(a, b + 1):
+                if kk in done:
+                    continue
                 w = (kk - a) / max(b - a, 1)
                 coarse = (1 - w) * slabs[a] + w * slabs[b]
-                out[kk] = _upsample_plane(coarse, f_xy, shape[1:])
+                hu[kk] += _upsample_plane(coarse, f_xy, shape[1:])
+                done.add(kk)
         if len(planes) == 1:
-            out[planes[0]] = _upsample_plane(slabs[planes[0]], f_xy, shape[1:])
-        return out
+            hu[planes[0]] += _upsample_plane(slabs[planes[0]], f_xy, shape[1:])
 
 
 def _upsample_plane(coarse: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:

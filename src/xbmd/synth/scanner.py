@@ -181,7 +181,7 @@ def scan(
     sigma_vox = scanner.psf_sigma_mm / spacing[::-1]  # array order (z, y, x)
     hu = ndimage.gaussian_filter(hu, sigma_vox, mode="nearest")
     if anatomy.metal is not None:
-        hu += anatomy.metal.ct_artefacts(hu.shape, spacing)
+        anatomy.metal.add_ct_artefacts(hu, spacing)
     hu += _correlated_noise(hu.shape, scanner.noise_hu, rng) * (hu > -950)
     hu += rng.normal(0.0, 3.0, hu.shape).astype(np.float32) * (hu <= -950)  # quieter in air
     ct = Volume(
