@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from xbmd.commands._common import user_errors
+from xbmd.synth.device import DEVICE_FAMILIES
 
 HELP = (
     "Generate a virtual QCT cohort: synthetic hip patients with a CT (NIfTI, HU) and "
@@ -51,7 +52,7 @@ def main(
         "",
         "--device-families",
         help="Comma-separated device families the radiographs may come from (default all: "
-        "balanced-dr, crisp-dr, equalised-dr, mobile-nogrid, phosphor-cr, soft-dr).",
+        f"{', '.join(sorted(DEVICE_FAMILIES))}).",
     ),
     processing: str = typer.Option(
         "fixed",
