@@ -9,13 +9,17 @@ Generates a cohort with ``xbmd synth``'s library function, then, reading only th
 - calibration recovery: fitted density of every phantom rod against its nominal value
   (target: within 2 mg/cm3), and the fitted line against the scanner's true HU scale;
 - figures: the contact sheet (``docs/images/synth_contact_sheet.png``) and the BMD regions
-  (``docs/images/bmd_regions.png``).
+  (``docs/images/bmd_regions.png``);
+- with ``--variants``, instead: two small cohorts of the options (three patients with
+  ``--implant-fraction 1``; one patient with ``--sessions 4 --poses 1 --processing random``),
+  their seconds per case, and their figure ``docs/images/synth_variants.png``.
 
 The population table is ``benchmarks/bench_population.py --cohort DIR``.
 
 Usage::
 
     python benchmarks/bench_synth.py --cases 12 --workers 2 --out bench_out/synth
+    python benchmarks/bench_synth.py --variants --workers 2 --out bench_out/synth_variants
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from xbmd.ct.femur import measure_femur, neutral_projection
 from xbmd.ct.landmarks import read_landmarks
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.synth.cohort import FEMUR_LABEL, SynthSettings, generate_cohort
-from xbmd.synth.contact_sheet import write_contact_sheet
+from xbmd.synth.contact_sheet import write_contact_sheet, write_variants_sheet
 from xbmd.synth.model import DRAW_SIDES
 
 DOCS_IMAGES = Path(__file__).resolve().parents[1] / "docs" / "images"
@@ -103,6 +107,27 @@ def regions_figure(case_dir: Path, truth: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def variants(out: Path, workers: int, figures: Path) -> None:
+    """The cohort options' figure from two small cohorts (seed 11: a hip replacement, a nail
+    and screws; seed 5: one patient, four sessions with randomised processing)."""
+    runs = {
+        "implants": (11, 3, SynthSettings(poses=2, implant_fraction=1.0)),
+        "processing": (5, 1, SynthSettings(poses=1, sessions=4, processing="random")),
+    }
+    for name, (seed, cases, settings) in runs.items():
+        start = time.perf_counter()
+        summary = generate_cohort(out / name, cases, seed, settings, workers)
+        per_case = summary["seconds_per_case"]
+        print(
+            f"{name}: {summary['succeeded']}/{cases} cases in {time.perf_counter() - start:.0f} s"
+            f" ({workers} workers); seconds per case on one worker: {per_case}"
+        )
+    sheet = write_variants_sheet(
+        out / "implants", out / "processing", figures / "synth_variants.png"
+    )
+    print(f"figure: {sheet}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=8)
@@ -111,7 +136,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench_out/synth"))
     parser.add_argument("--figures", type=Path, default=DOCS_IMAGES)
+    parser.add_argument("--variants", action="store_true", help="the options' cohorts and figure")
     args = parser.parse_args()
+    if args.variants:
+        variants(args.out, args.workers, args.figures)
+        return
 
     settings = SynthSettings(poses=args.poses)
     start = time.perf_counter()

@@ -9,7 +9,8 @@ Coefficients are total mass attenuation (coherent scattering included) from the 
 tables in xraydb, which agree with NIST XCOM to about 1 % at 30-100 keV. Mixtures are
 mass-fraction weighted sums of the elements. Tissue compositions: ICRU-44 skeletal muscle and
 ICRU-46 adipose tissue 3 (Woodard & White 1986); hydroxyapatite Ca10(PO4)6(OH)2, crystal
-density 3.16 g/cm3. Lead is for the side marker.
+density 3.16 g/cm3. Lead is for the side marker; the metals (titanium alloy Ti-6Al-4V,
+cobalt-chromium-molybdenum, stainless steel 316L) for the implants of the virtual cohort.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from pathlib import Path
 import numpy as np
 import xraydb
 
-from xbmd.ct.materials import ADIPOSE_3, HYDROXYAPATITE, LEAD, MUSCLE, WATER
+from xbmd.ct.materials import (
+    ADIPOSE_3,
+    COCRMO,
+    HYDROXYAPATITE,
+    LEAD,
+    METAL_DENSITIES_G_CM3,
+    MUSCLE,
+    SS316L,
+    TI6AL4V,
+    WATER,
+)
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "xbmd" / "data" / "attenuation.json"
 ENERGIES_KEV = np.arange(30.0, 100.01, 1.0)
@@ -32,6 +43,9 @@ COMPOSITIONS = {
     "muscle": MUSCLE,
     "lead": LEAD,
     "hydroxyapatite": HYDROXYAPATITE,
+    "ti6al4v": TI6AL4V,
+    "cocrmo": COCRMO,
+    "ss316l": SS316L,
 }
 DENSITIES_G_CM3 = {
     "water": 1.0,
@@ -39,6 +53,7 @@ DENSITIES_G_CM3 = {
     "muscle": 1.05,
     "lead": 11.35,
     "hydroxyapatite": 3.16,
+    **METAL_DENSITIES_G_CM3,
 }
 
 

@@ -94,3 +94,33 @@ def test_missing_columns_duplicates_and_empty(tmp_path):
         read_manifest(empty)
     with pytest.raises(InputError, match="no such manifest"):
         read_manifest(tmp_path / "nope.csv")
+
+
+def test_implants_column_round_trips_and_is_written_only_when_needed(tmp_path):
+    plain = [case(tmp_path), case(tmp_path, "c2")]
+    write_manifest(plain, tmp_path / "plain.csv")
+    assert (tmp_path / "plain.csv").read_text().splitlines()[0] == ",".join(COLUMNS)
+    assert [c.implants for c in read_manifest(tmp_path / "plain.csv")] == [{}, {}]
+    mixed = [case(tmp_path), case(tmp_path, "c2", implants={"right": "screws", "left": "nail"})]
+    write_manifest(mixed, tmp_path / "mixed.csv")
+    lines = (tmp_path / "mixed.csv").read_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS) + ",implants"
+    assert lines[2].endswith(",left:nail;right:screws") and lines[1].endswith(",")
+    back = read_manifest(tmp_path / "mixed.csv")
+    assert back[0].implants == {} and back[1].implants == {"left": "nail", "right": "screws"}
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("middle:hip_replacement", "implants entries look like left:hip_replacement"),
+        ("left:", "implants entries look like"),
+        ("left:Hip Replacement", "implants entries look like"),
+        ("left:nail;left:screws", "names the left hip twice"),
+    ],
+)
+def test_bad_implants_name_the_line(tmp_path, value, message):
+    path = _write(tmp_path, HEADER + ",implants", GOOD + "," + value)
+    with pytest.raises(InputError, match="line 2") as err:
+        read_manifest(path)
+    assert message in str(err.value)

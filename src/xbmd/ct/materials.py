@@ -1,9 +1,12 @@
 """Elemental compositions (mass %) of the materials whose X-ray attenuation xbmd models.
 
 ICRU-44 / ICRU-46 body tissues (Woodard & White 1986), water, dry air, lead and hydroxyapatite
-Ca10(PO4)6(OH)2. Used offline with xraydb by ``scripts/make_attenuation_table.py`` (which writes
-``data/attenuation.json``) and ``benchmarks/bench_calibration.py`` (which derives the phantom-less
-calibration's reference values); kept here so that both use the same numbers.
+Ca10(PO4)6(OH)2, and the implant metals of the virtual cohort (ASTM F136 titanium alloy
+Ti-6Al-4V, ASTM F75 cobalt-chromium-molybdenum, ASTM F138 stainless steel 316L; nominal
+compositions within the standards' ranges). Used offline with xraydb by
+``scripts/make_attenuation_table.py`` (which writes ``data/attenuation.json``) and
+``benchmarks/bench_calibration.py`` (which derives the phantom-less calibration's reference
+values); kept here so that both use the same numbers.
 """
 
 from __future__ import annotations
@@ -21,3 +24,8 @@ _HA_MOLAR_G = {"Ca": 10 * 40.078, "P": 6 * 30.974, "O": 26 * 15.999, "H": 2 * 1.
 HYDROXYAPATITE = {el: 100.0 * m / sum(_HA_MOLAR_G.values()) for el, m in _HA_MOLAR_G.items()}
 #: Density of hydroxyapatite crystal: a grain of mineral displaces water of its own volume.
 HA_CRYSTAL_G_CM3 = 3.16
+#: Implant metals (mass %, nominal compositions within the ASTM ranges) and their densities.
+TI6AL4V = {"Ti": 89.8, "Al": 6.0, "V": 4.0, "Fe": 0.2}  # ASTM F136
+COCRMO = {"Co": 64.3, "Cr": 28.0, "Mo": 6.0, "Ni": 0.5, "Mn": 0.6, "Si": 0.6}  # ASTM F75
+SS316L = {"Fe": 64.0, "Cr": 18.0, "Ni": 14.0, "Mo": 2.5, "Mn": 1.0, "Si": 0.5}  # ASTM F138
+METAL_DENSITIES_G_CM3 = {"ti6al4v": 4.43, "cocrmo": 8.3, "ss316l": 8.0}

@@ -20,12 +20,15 @@ Columns (``*`` = required):
     age_years, sex  patient age and sex (F/M), optional
     dxa_total_hip_left_g_cm2, dxa_total_hip_right_g_cm2, dxa_neck_left_g_cm2,
     dxa_neck_right_g_cm2   DXA results, optional
+    implants        hips with an implant: ``left:hip_replacement;right:screws``, optional
+                    (written only when some case has one, so older manifests are unchanged)
 """
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +56,9 @@ COLUMNS = (
 REQUIRED = ("case_id", "patient_id", "ct", "labels", "label_map", "calibration", "xrays")
 BONES = ("pelvis_right", "pelvis_left", "femur_right", "femur_left")
 DXA_COLUMNS = COLUMNS[-4:]
+#: Optional column added later: written only when some case has an implant.
+IMPLANTS_COLUMN = "implants"
+IMPLANT_SIDES = ("left", "right")
 
 
 @dataclass
@@ -74,6 +80,7 @@ class ManifestCase:
     age_years: float | None = None
     sex: str | None = None
     dxa_g_cm2: dict[str, float] = field(default_factory=dict)  # column name -> value
+    implants: dict[str, str] = field(default_factory=dict)  # side -> implant type
 
     def to_row(self, root: Path) -> dict[str, str]:
         """The CSV row, paths relative to ``root`` where possible."""
@@ -110,6 +117,7 @@ class ManifestCase:
             "sex": self.sex or "",
         }
         row |= {c: _num(self.dxa_g_cm2.get(c)) for c in DXA_COLUMNS}
+        row[IMPLANTS_COLUMN] = format_implants(self.implants)
         return row
 
 
@@ -122,12 +130,35 @@ def _num(x: float | None) -> str:
     return "" if x is None else f"{x:.6g}"
 
 
+def format_implants(implants: dict[str, str]) -> str:
+    """{side: type} -> the ``implants`` field, e.g. 'left:hip_replacement' ('' for none)."""
+    return ";".join(f"{side}:{kind}" for side, kind in sorted(implants.items()))
+
+
+def parse_implants(value: str, where: str = "implants") -> dict[str, str]:
+    """The ``implants`` field -> {side: type}; InputError naming ``where`` on a bad entry."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in value.split(";"))):
+        side, _, kind = (p.strip() for p in item.partition(":"))
+        if side not in IMPLANT_SIDES or not re.fullmatch(r"[a-z][a-z0-9_-]*", kind):
+            raise InputError(
+                f"{where}: implants entries look like left:hip_replacement (side left or "
+                f"right, a lower-case type); cannot read {item!r}"
+            )
+        if side in out:
+            raise InputError(f"{where}: implants names the {side} hip twice ({value!r})")
+        out[side] = kind
+    return out
+
+
 def write_manifest(cases: list[ManifestCase], path: str | Path) -> None:
-    """Write ``cases`` as a manifest CSV at ``path`` (paths relative to its folder)."""
+    """Write ``cases`` as a manifest CSV at ``path`` (paths relative to its folder); the
+    ``implants`` column only when some case has an implant."""
     path = Path(path)
     root = path.parent.resolve()
+    columns = COLUMNS + ((IMPLANTS_COLUMN,) if any(c.implants for c in cases) else ())
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for case in cases:
             writer.writerow(case.to_row(root))
@@ -207,6 +238,7 @@ def _parse_row(row: dict, root: Path, where: str) -> ManifestCase:
             for c in DXA_COLUMNS
             if (v := _opt_float(get(c), c, where, (0.05, 3.0))) is not None
         },
+        implants=parse_implants(get(IMPLANTS_COLUMN), where),
     )
 
 

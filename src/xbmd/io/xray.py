@@ -437,6 +437,8 @@ def _dicom_meta(
         "transfer_syntax": str(ts),
         "transfer_syntax_name": ts.name,
         "manufacturer": _text(ds, "Manufacturer"),
+        "manufacturer_model": _text(ds, "ManufacturerModelName"),
+        "kvp": _number(ds, "KVP"),
         "sdd_mm": _number(ds, "DistanceSourceToDetector"),
         "sod_mm": _number(ds, "DistanceSourceToPatient"),
         "magnification_factor": _number(ds, "EstimatedRadiographicMagnificationFactor"),

@@ -8,6 +8,7 @@ Per case (docs/data-format.md, "Virtual cohort"):
                        landmarks.json   femur landmarks (xbmd.ct.landmarks)
                        xray_NN.dcm/.png AP radiographs (DICOM DX and 16-bit PNG)
                        truth.json       patient, per-side BMD truth, scanner, per X-ray poses
+                                        (sessions, devices), the implant if any
     DIR/manifest.csv   one row per case (xbmd.dataset.manifest)
     DIR/dxa.csv        simulated DXA results (truth + precision noise), as a hospital has them
     DIR/cohort.json    seed, settings, version, failures; the folder's marker (xbmd.stages)
@@ -27,7 +28,7 @@ import shutil
 import time
 import traceback
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -39,15 +40,14 @@ from xbmd.ct.calibration import Calibration
 from xbmd.ct.femur import measure_femur, neutral_projection
 from xbmd.ct.landmarks import write_landmarks
 from xbmd.dataset.manifest import ManifestCase, read_manifest, write_manifest
+from xbmd.errors import GeometryError, InputError
 from xbmd.io.ct import write_volume
-from xbmd.io.xray_write import write_xray_dicom, write_xray_png
 from xbmd.stages import claim_folder, run_cases, write_atomic, write_csv, write_json
 from xbmd.synth import anatomy as anatomy_mod
-from xbmd.synth.device import sample_device
+from xbmd.synth.device import check_families
+from xbmd.synth.implants import IMPLANT_LABEL, draw_implant, insert_implant
 from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient
-from xbmd.synth.physics import attenuation_at, collimation_mask
 from xbmd.synth.population import sample_patients
-from xbmd.synth.radiograph import expose
 from xbmd.synth.scanner import (
     ROD_DENSITIES_MG_CM3,
     Scanner,
@@ -55,8 +55,7 @@ from xbmd.synth.scanner import (
     scan,
     soft_tissue_at_kvp,
 )
-from xbmd.synth.xray_scene import SceneBodies, body_poses, projected_landmarks, sample_geometry
-from xbmd.synth.xray_scene import sample_motions as sample_xray_motions
+from xbmd.synth.sessions import PROCESSING_MODES, write_radiographs
 from xbmd.tscore import t_score, who_category
 from xbmd.volume import Volume, bounding_box, box_affine
 
@@ -82,9 +81,21 @@ class SynthSettings:
     ct_spacing_mm : isotropic CT voxel size, mm.
     xray_spacing_mm : detector pixel size of the radiographs, mm (clinical detectors: 0.14-0.2;
         coarser here to keep the cohort small: the CT's 1 mm voxels bound the detail anyway).
-    poses : radiographs per patient (the first is a well-positioned standard AP).
+    poses : radiographs per session (the first is a well-positioned standard AP).
     phantomless_fraction : share of cases scanned without the calibration phantom.
     dxa_precision : relative SD of the simulated DXA measurement (1 %: a good DXA centre).
+    sessions : visits per patient, each with its own device and ``poses`` radiographs that
+        differ only in pose (``xbmd.synth.sessions``); 0 (default): every radiograph has its
+        own device, as cohorts were made before sessions existed.
+    implant_fraction : share of patients with a metal implant on one side
+        (``xbmd.synth.implants``).
+    device_families : the device families radiographs may come from (names of
+        ``xbmd.synth.device.DEVICE_FAMILIES``); None: all.
+    processing : 'fixed' (each family's own processing), 'random' (a randomised processing
+        graph on every device, ``xbmd.synth.processing_graph``) or 'mixed' (on half of them).
+
+    The last four were added later; at their defaults a cohort is byte-identical to one made
+    before they existed, and they are left out of cohort.json's settings and identity.
     """
 
     ct_spacing_mm: float = 1.0
@@ -92,6 +103,37 @@ class SynthSettings:
     poses: int = 4
     phantomless_fraction: float = 0.15
     dxa_precision: float = 0.01
+    sessions: int = 0
+    implant_fraction: float = 0.0
+    device_families: tuple[str, ...] | None = None
+    processing: str = "fixed"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.sessions, int) and 0 <= self.sessions <= 20):
+            raise InputError(f"sessions must be an integer from 0 to 20, not {self.sessions!r}")
+        if not (0.0 <= self.implant_fraction <= 1.0):
+            raise InputError(f"implant_fraction must be in [0, 1], not {self.implant_fraction}")
+        if self.processing not in PROCESSING_MODES:
+            raise InputError(
+                f"processing must be one of {', '.join(PROCESSING_MODES)}, not {self.processing!r}"
+            )
+        if self.device_families is not None:
+            object.__setattr__(self, "device_families", check_families(self.device_families))
+
+    def record(self) -> dict:
+        """The settings for cohort.json: the later-added ones only when not at their default
+        (so that a cohort made before them resumes, and reads the same)."""
+        out = asdict(self)
+        for f in fields(self):
+            if f.name in LATER_SETTINGS and out[f.name] == f.default:
+                del out[f.name]
+        if out.get("device_families") is not None:
+            out["device_families"] = list(out["device_families"])
+        return out
+
+
+#: Settings added after the first cohorts (recorded only when not at their default).
+LATER_SETTINGS = ("sessions", "implant_fraction", "device_families", "processing")
 
 
 @dataclass
@@ -172,6 +214,10 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
     scanner = sample_scanner(rng)
     has_phantom = bool(rng.random() >= settings.phantomless_fraction)
     scales = scale_mineral_to_targets(anatomy, patient, scanner)
+    implant = None
+    if settings.implant_fraction > 0:  # after the scaling: the patient's bone as it was
+        plan = draw_implant(patient.seed, settings.implant_fraction)
+        implant = insert_implant(anatomy, plan) if plan else None
     result = scan(anatomy, scanner, rng, phantom=has_phantom)
     case_dir.mkdir(parents=True, exist_ok=True)
     write_volume(result.ct, case_dir / "ct.nii.gz")
@@ -187,14 +233,17 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
     density = true_line.apply(result.ct)
     sides = {}
     for side in DRAW_SIDES:
-        bmd = measure_femur(density, result.labels, FEMUR_LABEL[side], anatomy.landmarks[side])
-        sides[side] = bmd.to_dict() | {
+        sides[side] = _side_truth(density, result.labels, anatomy, side, implant) | {
             "target_abmd_g_cm2": round(patient.total_hip_abmd_g_cm2[side], 6),
             "mineral_scale": round(scales[side], 5),
         }
+        if settings.implant_fraction > 0:  # the mark: this hip's BMD truth is not meaningful
+            sides[side]["implant"] = (
+                implant["type"] if implant and implant["side"] == side else None
+            )
     t_ct = time.perf_counter() - t0
-    xrays = _radiographs(anatomy, patient, settings, rng, case_dir)
-    return {
+    xrays, sessions = write_radiographs(anatomy, patient, settings, rng, case_dir)
+    truth = {
         "format": "xbmd-virtual-case",
         "format_version": 1,
         "xbmd_version": __version__,
@@ -231,8 +280,29 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
         "anatomy": anatomy.meta,
         "landmarks": "landmarks.json",
         "xrays": xrays,
-        "timing_s": {"ct": round(t_ct, 2), "total": round(time.perf_counter() - t0, 2)},
     }
+    if settings.implant_fraction > 0:
+        truth["implant"] = implant
+        if implant:
+            truth["ct"]["label_map"]["implant"] = IMPLANT_LABEL
+    if sessions is not None:
+        truth["sessions"] = sessions
+    truth["timing_s"] = {"ct": round(t_ct, 2), "total": round(time.perf_counter() - t0, 2)}
+    return truth
+
+
+def _side_truth(density, labels, anatomy: Anatomy, side: str, implant: dict | None) -> dict:
+    """The BMD truth of one femur; on the side of an implant, measured as far as the regions
+    allow (null where they are empty: the numbers mean nothing there anyway)."""
+    try:
+        return measure_femur(density, labels, FEMUR_LABEL[side], anatomy.landmarks[side]).to_dict()
+    except (GeometryError, InputError):
+        if not (implant and implant["side"] == side):
+            raise
+        return dict.fromkeys(
+            ("ct_abmd_g_cm2", "neck_abmd_g_cm2", "qct_vbmd_mg_cm3", "total_hip_area_cm2",
+             "neck_area_cm2", "pf_volume_cm3")
+        )  # fmt: skip
 
 
 def _write_phantom(path: Path) -> None:
@@ -242,74 +312,6 @@ def _write_phantom(path: Path) -> None:
     ]
     doc = {"name": "B-MAS200-like (simulated)", "material": "hydroxyapatite", "rods": rods}
     path.write_text(json.dumps(doc, indent=1))
-
-
-def _radiographs(
-    anatomy: Anatomy, patient: Patient, settings: SynthSettings, rng, case_dir: Path
-) -> list[dict]:
-    """Render, expose and write the patient's radiographs; returns their truth records."""
-    bodies, reference = None, None
-    out = []
-    for n in range(settings.poses):
-        device = sample_device(rng)
-        att = attenuation_at(device.effective_energy_kev)
-        if bodies is None:
-            bodies = SceneBodies(anatomy, att.mu_water_per_cm, att.bone_excess_cm2_g)
-            reference = att
-        geometry = sample_geometry(rng, anatomy, settings.xray_spacing_mm, device.sdd_mm)
-        motions = sample_xray_motions(rng, standard=(n == 0))
-        poses = body_poses(anatomy, motions)
-        line = bodies.line_integral(
-            poses,
-            geometry,
-            soft_scale=att.mu_water_per_cm / reference.mu_water_per_cm,
-            bone_scale=att.bone_excess_cm2_g / reference.bone_excess_cm2_g,
-        )
-        field = collimation_mask(geometry.size_px, geometry.pixel_spacing_mm, rng)
-        marker = str(rng.choice(["R", "L"]))
-        pixels, exposure = expose(
-            line,
-            pixel_spacing_mm=geometry.pixel_spacing_mm,
-            device=device,
-            rng=rng,
-            field_mask=field,
-            marker=marker,
-            geometry=geometry,
-        )
-        name = f"xray_{n + 1:02d}"
-        write_xray_dicom(
-            pixels,
-            case_dir / f"{name}.dcm",
-            pixel_spacing_mm=geometry.pixel_spacing_mm,
-            photometric=device.photometric,
-            sdd_mm=geometry.sdd_mm,
-            sod_mm=geometry.sod_mm,
-            patient_age_years=patient.age_years,
-            patient_sex=patient.sex,
-            patient_id=patient.patient_id,
-            bits_stored=device.bits_stored,
-            extra={
-                "Manufacturer": device.manufacturer,
-                "ManufacturerModelName": device.model,
-                "KVP": device.kvp,
-            },
-        )
-        write_xray_png(pixels, case_dir / f"{name}.png", bits=16)
-        out.append(
-            {
-                "name": name,
-                "dicom": f"{name}.dcm",
-                "png": f"{name}.png",
-                "geometry": geometry.to_dict(),
-                "poses": {name_: p.to_dict() for name_, p in poses.items()},
-                "motions": motions,
-                "projected_landmarks": projected_landmarks(anatomy, poses, geometry),
-                "marker": marker,
-                "device": device.to_dict(),
-                "exposure": exposure,
-            }
-        )
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -334,7 +336,14 @@ def _case_entry(truth: dict, case_dir: Path, dxa: dict) -> ManifestCase:
         age_years=truth["patient"]["age_years"],
         sex=truth["patient"]["sex"],
         dxa_g_cm2=dxa,
+        implants=implant_sides(truth),
     )
+
+
+def implant_sides(truth: dict) -> dict[str, str]:
+    """{side: implant type} of a case's truth.json (empty without implants)."""
+    implant = truth.get("implant")
+    return {implant["side"]: implant["type"]} if implant else {}
 
 
 def _simulated_dxa(truth: dict, precision: float, seed: int) -> dict:
@@ -380,8 +389,10 @@ def _run_case_here(patient: Patient, settings: SynthSettings, out: Path) -> Case
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     dxa = _simulated_dxa(truth, settings.dxa_precision, patient.seed)
+    for side in implant_sides(truth):  # DXA does not measure a hip with an implant
+        dxa = {k: v for k, v in dxa.items() if f"_{side}_" not in k}
     rows = []
-    for side in DRAW_SIDES:
+    for side in (s for s in DRAW_SIDES if s not in implant_sides(truth)):
         th = dxa[f"dxa_total_hip_{side}_g_cm2"]
         t = t_score(th, "total_hip", patient.sex)
         rows.append(
@@ -425,7 +436,7 @@ def generate_cohort(
     """
     out = Path(out)
     settings = settings or SynthSettings()
-    identity = {"seed": seed, "settings": asdict(settings)}
+    identity = {"seed": seed, "settings": settings.record()}
     _adopt_marker_without_identity(out, identity)
     claim_folder(out, MARKER, COHORT_FORMAT, identity)
     patients = sample_patients(cases, seed)
@@ -468,10 +479,10 @@ def _write_cohort_files(out: Path, seed: int, settings: SynthSettings, results) 
     summary = {
         "format": COHORT_FORMAT,
         "status": "done",
-        "identity": {"seed": seed, "settings": asdict(settings)},
+        "identity": {"seed": seed, "settings": settings.record()},
         "xbmd_version": __version__,
         "seed": seed,
-        "settings": asdict(settings),
+        "settings": settings.record(),
         "cases": len(results),
         "succeeded": len(ok),
         "failed": [{"case_id": r.case_id, "error": r.error} for r in results if not r.ok],

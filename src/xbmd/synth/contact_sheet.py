@@ -1,4 +1,5 @@
-"""A contact sheet of a virtual cohort: radiographs next to bone DRRs and CT slices.
+"""A contact sheet of a virtual cohort: radiographs next to bone DRRs and CT slices; and a
+sheet of the cohort options (implants, randomised processing).
 
 Everything is read back from the written files (CT, labels, DICOM, truth.json), so the sheet also
 checks that the recorded poses and geometry reproduce the radiographs: the bone DRR rendered
@@ -111,13 +112,86 @@ def write_contact_sheet(cohort_dir: str | Path, out_png: str | Path, max_cases: 
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])
+    return _save_small(fig, out_png)
+
+
+def _save_small(fig, out_png: str | Path) -> Path:
+    """Save ``fig`` as a PNG of 256 colours (plenty for grey radiographs and one colour map: a
+    third of the size)."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=72)
     plt.close(fig)
-    # 256 colours are plenty for grey radiographs and one colour map: a third of the size
     with Image.open(out_png) as im:
         small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
     small.save(out_png, optimize=True)
     return out_png
+
+
+def write_variants_sheet(
+    implants_dir: str | Path, processing_dir: str | Path, out_png: str | Path
+) -> Path:
+    """Write a PNG of the cohort options: per implant case of ``implants_dir`` (made with
+    ``--implant-fraction``) the implanted hip on its first radiograph and a coronal CT slice
+    through it; then the first case of ``processing_dir`` (made with ``--sessions`` and
+    ``--processing random``) once per session: one patient, a processing graph per session."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    implants = [
+        (p.parent, t)
+        for p in sorted(Path(implants_dir).glob("cases/*/truth.json"))
+        if (t := json.loads(p.read_text())).get("implant")
+    ][:3]
+    truth_path = next(iter(sorted(Path(processing_dir).glob("cases/*/truth.json"))), None)
+    if not implants or truth_path is None:
+        raise FileNotFoundError("no implant case, or no case with sessions")
+    firsts = [
+        r for r in json.loads(truth_path.read_text())["xrays"] if r.get("pose_in_session") == 1
+    ]
+    cols = max(len(implants), len(firsts[:4]))
+    fig, axes = plt.subplots(3, cols, figsize=(4.2 * cols, 12.5), squeeze=False)
+    for n, (case_dir, truth) in enumerate(implants):
+        implant, record = truth["implant"], truth["xrays"][0]
+        xray = read_xray(case_dir / record["dicom"])
+        r, c = np.rint(record["projected_landmarks"][implant["side"]]["head_center_px"]).astype(int)
+        half = round(110.0 / record["geometry"]["pixel_spacing_mm"][0])
+        crop = xray.pixels[max(r - half // 2, 0) : r + 3 * half // 2, max(c - half, 0) : c + half]
+        axes[0, n].imshow(to_display_uint8(crop), cmap="gray")
+        axes[0, n].set_title(
+            f"{truth['patient']['patient_id']}: {implant['type'].replace('_', ' ')}, "
+            f"{implant['side']} hip ({record['device']['family']})",
+            fontsize=9,
+        )
+        ct = read_ct(case_dir / truth["ct"]["file"])
+        lm = json.loads((case_dir / truth["landmarks"]).read_text())["femur"][implant["side"]]
+        _, j, _ = np.rint(ct.world_to_index(np.asarray(lm["head_center_mm"]))).astype(int)
+        sp = ct.spacing_mm
+        axes[1, n].imshow(
+            ct.data[::-1, j, :], cmap="gray", vmin=-250, vmax=1250, aspect=sp[2] / sp[0]
+        )
+        axes[1, n].set_title("CT coronal through that head (HU; metal 3071, streaks)", fontsize=9)
+    p = json.loads(truth_path.read_text())["patient"]
+    for n, record in enumerate(firsts[:cols]):
+        xray = read_xray(truth_path.parent / record["dicom"])
+        graph = record["device"].get("processing_graph") or {}
+        steps = "+".join(s["step"].replace("_", " ") for s in graph.get("steps", [])) or "none"
+        axes[2, n].imshow(to_display_uint8(xray.pixels), cmap="gray")
+        response = graph.get("response", {}).get("kind")
+        axes[2, n].set_title(
+            f"{p['patient_id']} session {record['session']} ({record['device']['family']}, "
+            f"{record['device']['kvp']:.0f} kVp):\n{response} response; {steps};\n"
+            f"{graph.get('lut', {}).get('shape')} LUT, {record['device']['bits_stored']} bit",
+            fontsize=8,
+        )
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not ax.images:
+            ax.set_axis_off()
+    return _save_small(fig, out_png)

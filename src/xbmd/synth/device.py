@@ -9,6 +9,7 @@ physics (``xbmd.synth.physics``) and processing (``xbmd.synth.processing``) read
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -51,6 +52,11 @@ class XrayDevice:
         band); lut ('sigmoid' or 'gamma'), lut_contrast, lut_center, lut_gamma; output_range
         (fractions of full scale used by the LUT output); bits_stored; photometric;
         outside_field ('black', 'white', 'natural').
+    Randomised processing
+        processing_graph: None for the family's own processing (above); else the randomised
+        processing graph that replaces it (``xbmd.synth.processing_graph``; its steps and their
+        parameters, JSON-serialisable); the family's processing fields are then unused, except
+        bits_stored, photometric, output_range and outside_field, which the graph sets.
     """
 
     name: str
@@ -90,6 +96,7 @@ class XrayDevice:
     bits_stored: int
     photometric: str
     outside_field: str
+    processing_graph: dict | None = None
 
     def __post_init__(self) -> None:
         _check_choice("photometric", self.photometric, PHOTOMETRICS)
@@ -101,8 +108,11 @@ class XrayDevice:
             raise InputError("band_gains needs one gain per band scale")
 
     def to_dict(self) -> dict:
-        """JSON-serialisable fields (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        """JSON-serialisable fields (tuples become lists); ``processing_graph`` only when set."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        if out["processing_graph"] is None:  # as devices were recorded before the graphs
+            del out["processing_graph"]
+        return out
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -254,14 +264,30 @@ def _draw(rng: np.random.Generator, value):
     return value
 
 
-def sample_device(rng: np.random.Generator, family: str | None = None) -> XrayDevice:
-    """Draw a radiography system: a vendor-like family (uniform, or ``family``) and its settings.
+def check_families(families: Sequence[str]) -> tuple[str, ...]:
+    """``families`` as a sorted tuple of known family names; InputError naming an unknown one."""
+    names = tuple(sorted(set(families)))
+    if not names:
+        raise InputError("device families: give at least one of " + ", ".join(DEVICE_FAMILIES))
+    for name in names:
+        _check_choice("device family", name, tuple(DEVICE_FAMILIES))
+    return names
 
-    Families differ visibly (contrast equalisation, edge enhancement, noise grain, shutter,
-    bit depth, grid); see ``DEVICE_FAMILIES``.
+
+def sample_device(
+    rng: np.random.Generator,
+    family: str | None = None,
+    families: Sequence[str] | None = None,
+) -> XrayDevice:
+    """Draw a radiography system: a vendor-like family and its settings.
+
+    The family is ``family``, else drawn uniformly from ``families`` (default: all of
+    ``DEVICE_FAMILIES``). Families differ visibly (contrast equalisation, edge enhancement,
+    noise grain, shutter, bit depth, grid); see ``DEVICE_FAMILIES``.
     """
     if family is None:
-        family = str(rng.choice(sorted(DEVICE_FAMILIES)))
+        choices = sorted(DEVICE_FAMILIES) if families is None else list(check_families(families))
+        family = str(rng.choice(choices))
     _check_choice("family", family, tuple(DEVICE_FAMILIES))
     spec = DEVICE_FAMILIES[family]
     det = DETECTOR_KINDS[spec["detector"]]

@@ -6,11 +6,15 @@ population -> Patient -> anatomy -> Anatomy -> scanner (CT, phantom) and radiogr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from xbmd.ct.landmarks import FemurLandmarks
 from xbmd.geometry import SIDES
+
+if TYPE_CHECKING:
+    from xbmd.synth.metal import MetalVoxels
 
 #: Bone label ids of the virtual cohort (same ids as ``xbmd.ct.phantoms.LABELS``).
 #: The order of every per-side seeded draw of the virtual cohort: left first, as since the first
@@ -63,6 +67,7 @@ class Anatomy:
     landmarks : 'left'/'right' -> FemurLandmarks, LPS mm.
     pelvis_center_mm : (3,) midpoint of the two femoral head centres, LPS mm.
     meta : the shape parameters that were drawn (JSON-serialisable), for truth.json.
+    metal : an implant's metal (``xbmd.synth.metal.MetalVoxels``), or None (no implant).
     """
 
     affine: np.ndarray
@@ -73,3 +78,4 @@ class Anatomy:
     landmarks: dict[str, FemurLandmarks]
     pelvis_center_mm: np.ndarray
     meta: dict = field(default_factory=dict)
+    metal: MetalVoxels | None = None

@@ -76,6 +76,21 @@ def _mu_mass_cm2_g(material: str, energy_kev: float) -> float:
     return float(np.exp(np.interp(math.log(energy_kev), log_e, log_mu)))
 
 
+def mu_linear_per_cm(material: str, energy_kev: float) -> float:
+    """Linear attenuation (1/cm) of a material of the bundled table at its tabulated density
+    (e.g. the implant metals 'ti6al4v', 'cocrmo', 'ss316l'), at ``energy_kev`` (30-100 keV).
+
+    >>> round(mu_linear_per_cm("ti6al4v", 60.0), 2)
+    3.28
+    """
+    table = _attenuation_table()
+    _check_choice("material", material, tuple(table["mass_attenuation_cm2_g"]))
+    low, high = table["energies_kev"][0], table["energies_kev"][-1]
+    if not (math.isfinite(energy_kev) and low <= energy_kev <= high):
+        raise InputError(f"energy_kev must be in [{low:g}, {high:g}] keV, not {energy_kev!r}")
+    return _mu_mass_cm2_g(material, energy_kev) * table["densities_g_cm3"][material]
+
+
 def attenuation_at(energy_kev: float) -> Attenuation:
     """Attenuation coefficients at ``energy_kev`` (30-100 keV), from the bundled table.
 

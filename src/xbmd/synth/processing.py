@@ -32,15 +32,22 @@ def log_signal(signal: np.ndarray, n0_quanta: float) -> np.ndarray:
     return (math.log(n0_quanta) - np.log(np.maximum(signal, 0.5))).astype(np.float32)
 
 
-def anatomy_region(log_image: np.ndarray, field_mask: np.ndarray) -> np.ndarray:
+def anatomy_region(
+    log_image: np.ndarray, field_mask: np.ndarray, exclude_mask: np.ndarray | None = None
+) -> np.ndarray:
     """Where a vendor's histogram analysis looks, on every second pixel (bool, half size):
     the collimated field 4 px in from its edge, without direct exposure (log < 0.3, less than
-    about 1.5 cm of water) unless that is most of the field."""
+    about 1.5 cm of water) unless that is most of the field, and without ``exclude_mask``
+    (metal, which vendors segment out of the histogram) unless that leaves nothing."""
     field = field_mask[::2, ::2]
     inner = ndimage.binary_erosion(field, iterations=2)
     region = inner if inner.any() else field
     anatomy = region & (log_image[::2, ::2] >= 0.3)
-    return anatomy if anatomy.sum() >= 0.05 * region.sum() else region
+    anatomy = anatomy if anatomy.sum() >= 0.05 * region.sum() else region
+    if exclude_mask is not None:
+        kept = anatomy & ~exclude_mask[::2, ::2]
+        anatomy = kept if kept.any() else anatomy
+    return anatomy
 
 
 def window_levels(
@@ -65,6 +72,25 @@ def fill_outside(image: np.ndarray, field_mask: np.ndarray, sigma_px: float) -> 
     fill = num / np.maximum(den, 1e-3)
     fill = np.where(den > 1e-3, fill, float(np.median(image[field_mask])))
     return np.where(field_mask, image, fill).astype(np.float32)
+
+
+def _kept(field_mask: np.ndarray, exclude_mask: np.ndarray | None) -> np.ndarray:
+    """The field without the excluded (metal) pixels."""
+    return field_mask if exclude_mask is None else field_mask & ~exclude_mask
+
+
+def restore_excluded(
+    enhanced: np.ndarray, norm: np.ndarray, exclude_mask: np.ndarray | None
+) -> np.ndarray:
+    """Put excluded (metal) pixels back after enhancement, at least as bright as they were.
+
+    Vendors keep metal out of their multi-scale decomposition: the enhancement runs on an image
+    whose metal is filled in from its surroundings (``fill_outside``), so a nail's huge
+    contrast does not flatten the bone around it by the latitude compression, and the metal
+    comes back white afterwards."""
+    if exclude_mask is None:
+        return enhanced
+    return np.where(exclude_mask, np.maximum(enhanced, norm), enhanced).astype(np.float32)
 
 
 def multiscale_enhance(
@@ -152,9 +178,11 @@ def process(
     pixel_spacing_mm,
     device: XrayDevice,
     n0_quanta: float,
+    exclude_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Vendor processing of the detector signal (quanta) into display values in [0, 1]
-    (float32, bone bright).
+    (float32, bone bright). ``exclude_mask`` (bool, the image's shape: metal) is left out of
+    the histogram analysis.
 
     Log; histogram windowing of the anatomy in the field; multi-scale enhancement; a second
     windowing of the enhanced image, anchored on the anatomy's histogram: its median (mostly
@@ -164,13 +192,13 @@ def process(
     un-enhanced image is kept (the shutter, if any, is applied when storing).
     """
     log_image = log_signal(signal, n0_quanta)
-    region = anatomy_region(log_image, field_mask)
+    region = anatomy_region(log_image, field_mask, exclude_mask)
     low, high = window_levels(log_image, region, device.window_percentiles)
     norm = np.clip((log_image - low) / (high - low), -0.3, 1.6)
     px = float(np.mean(_spacing_pair(pixel_spacing_mm)))
-    filled = fill_outside(norm, field_mask, 10.0 / px)
+    filled = fill_outside(norm, _kept(field_mask, exclude_mask), 10.0 / px)
     enhanced, levels = multiscale_enhance(filled, field_mask, pixel_spacing_mm, device)
-    enhanced = np.where(field_mask, enhanced, norm)
+    enhanced = restore_excluded(np.where(field_mask, enhanced, norm), norm, exclude_mask)
     low2, high2 = window_levels(enhanced, region, device.window_percentiles)
     median = window_levels(enhanced, region, (50.0, 50.0))[0]
     # the anatomy's median (mostly soft tissue) a little below the LUT centre, the bright end

@@ -15,7 +15,8 @@ The steps, each a function of its own so it can be tested and swapped, live in t
 - ``xbmd.synth.processing``: 6. vendor processing: log, histogram analysis of the collimated
   field, multi-scale contrast equalisation (band-pass gains with a power law, latitude
   compression, noise coring), an S-shaped LUT with gamma, quantisation to ``bits_stored``,
-  shutter.
+  shutter; or, for a device with a ``processing_graph``, the randomised processing of
+  ``xbmd.synth.processing_graph``.
 
 Pixel convention (``xbmd.io.xray.XRay``): bone BRIGHT in the returned values, whatever the
 device's photometric interpretation; ``write_xray_dicom`` inverts for MONOCHROME1 itself.
@@ -42,6 +43,7 @@ from xbmd.synth.physics import (
     scatter_field,
 )
 from xbmd.synth.processing import process, to_stored
+from xbmd.synth.processing_graph import process_graph
 
 
 def expose(
@@ -53,6 +55,7 @@ def expose(
     field_mask: np.ndarray | None = None,
     marker: str | None = None,
     geometry: PerspectiveGeometry | None = None,
+    exclude_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Simulate the acquisition and vendor processing of one radiograph.
 
@@ -67,6 +70,8 @@ def expose(
     field_mask : bool (rows, cols), True inside the collimated field; None = whole detector.
     marker : 'R', 'L' or None: lead side marker near the upper outer corner of that side.
     geometry : PerspectiveGeometry of the image, for the cos^3 fall-off and the heel effect.
+    exclude_mask : bool (rows, cols), pixels the processing's histogram analysis leaves out
+        (metal implants); None = none.
 
     Returns
     -------
@@ -121,7 +126,12 @@ def expose(
         tail_mm=device.detector_tail_mm,
         electronic_noise=device.electronic_noise_quanta,
     )
-    display, proc_info = process(signal, field, spacing, device, n0)
+    if exclude_mask is not None:
+        exclude_mask = _check_field(exclude_mask, li.shape, may_be_empty=True)
+    if device.processing_graph is None:
+        display, proc_info = process(signal, field, spacing, device, n0, exclude_mask)
+    else:
+        display, proc_info = process_graph(signal, field, spacing, device, n0, exclude_mask)
     pixels = to_stored(display, field, device)
     info = _exposure_info(device, n0, expected, primary, scatter, field, reference, spacing)
     info.update(marker=marker_info, processing=proc_info)
@@ -137,13 +147,14 @@ def _check_line_integral(line_integral) -> np.ndarray:
     return np.maximum(li, 0.0)
 
 
-def _check_field(field_mask, shape) -> np.ndarray:
+def _check_field(field_mask, shape, may_be_empty: bool = False) -> np.ndarray:
     if field_mask is None:
         return np.ones(shape, dtype=bool)
     field = np.asarray(field_mask, dtype=bool)
     if field.shape != tuple(shape):
-        raise InputError(f"field_mask has shape {field.shape}, the image {tuple(shape)}")
-    if not field.any():
+        name = "exclude_mask" if may_be_empty else "field_mask"
+        raise InputError(f"{name} has shape {field.shape}, the image {tuple(shape)}")
+    if not field.any() and not may_be_empty:
         raise InputError("field_mask is empty: nothing would be exposed")
     return field
 

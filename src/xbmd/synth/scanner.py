@@ -164,8 +164,10 @@ def scan(
 ) -> ScanResult:
     """Simulate the QCT scan of ``anatomy`` on ``scanner``.
 
-    Returns the CT (HU, rounded to integers as scanners store them) and the label map (bones as
-    in the anatomy, rods 101-105 when ``phantom``), on the anatomy's grid extended posteriorly.
+    Returns the CT (HU, rounded to integers as scanners store them, clipped to -1024..3071, so
+    an implant's metal reads 3071) and the label map (bones as in the anatomy, an implant's
+    metal as in the anatomy, rods 101-105 when ``phantom``), on the anatomy's grid extended
+    posteriorly.
     """
     soft, mineral, labels = _pad_posterior(anatomy, PHANTOM_THICKNESS_MM + TABLE_THICKNESS_MM + 6.0)
     _place_phantom_and_table(
@@ -173,9 +175,13 @@ def scan(
     )
     hu = scanner.water_hu + soft_tissue_at_kvp(soft, scanner.kvp)
     hu += np.float32(scanner.hu_per_mg_cm3) * mineral
+    if anatomy.metal is not None:  # an implant (xbmd.synth.metal): metal HU, then its streaks
+        anatomy.metal.add_to_ct(hu, scanner.kvp)
     spacing = np.linalg.norm(anatomy.affine[:3, :3], axis=0)  # (x, y, z) mm
     sigma_vox = scanner.psf_sigma_mm / spacing[::-1]  # array order (z, y, x)
     hu = ndimage.gaussian_filter(hu, sigma_vox, mode="nearest")
+    if anatomy.metal is not None:
+        anatomy.metal.add_ct_artefacts(hu, spacing)
     hu += _correlated_noise(hu.shape, scanner.noise_hu, rng) * (hu > -950)
     hu += rng.normal(0.0, 3.0, hu.shape).astype(np.float32) * (hu <= -950)  # quieter in air
     ct = Volume(
