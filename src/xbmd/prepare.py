@@ -61,7 +61,7 @@ from xbmd.hip import (
 )
 from xbmd.io.ct import read_ct, read_labels
 from xbmd.io.xray import read_xray
-from xbmd.landmarks import FemurLandmarks, read_landmarks
+from xbmd.landmarks import FemurLandmarks, read_landmarks, write_landmarks
 from xbmd.manifest import ManifestCase, read_manifest
 from xbmd.registration import (
     RegistrationSettings,
@@ -73,7 +73,9 @@ from xbmd.registration import (
 from xbmd.volume import Volume
 
 #: What a dataset folder holds (anything else there: not a dataset, refused).
-DATASET_ENTRIES = ("samples", "registrations", "logs", "index.csv", "failures.csv", "prepare.json")
+DATASET_ENTRIES = (
+    "samples", "registrations", "landmarks", "logs", "index.csv", "failures.csv", "prepare.json"
+)  # fmt: skip
 SAMPLE_FORMAT = "xbmd-training-sample"
 DATASET_FORMAT = "xbmd-training-set"
 #: The labels of a sample, in its sidecar's ``labels`` and in the index.
@@ -237,12 +239,15 @@ class _CaseData:
     labels: Volume
     calibration: Calibration
     landmarks: dict[str, FemurLandmarks]
+    landmark_errors: dict[str, str] = field(default_factory=dict)  # side -> why none
     _labels: dict = field(default_factory=dict)
     _bodies: dict = field(default_factory=dict)
     _scene: object = None
 
     def femur_landmarks(self, side: str) -> FemurLandmarks:
         if side not in self.landmarks:
+            if side in self.landmark_errors:
+                raise InputError(self.landmark_errors[side])
             raise InputError(f"{self.case.landmarks}: no {side} femur landmarks")
         return self.landmarks[side]
 
@@ -372,25 +377,29 @@ def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: _
 
 
 def _load_case(case: ManifestCase, options: _Options, log: _CaseLog) -> _CaseData:
-    """Landmarks, CT, label map, calibration and the density volume (mg/cm3) of a case."""
-    if case.landmarks is None:
-        raise _Failed(
-            "landmarks",
-            f"case {case.case_id}: the manifest gives no landmarks file; prepare needs femur "
-            "landmarks for the BMD labels and the hip crops",
-        )
+    """Landmarks, CT, label map, calibration and the density volume (mg/cm3) of a case.
+
+    Without a landmarks file in the manifest, the landmarks are found from the femur labels
+    (``xbmd.auto_landmarks``), saved with a QC picture per femur in ``DATASET/landmarks/`` and
+    reused when the build resumes.
+    """
     if options.use_known_poses and case.known_poses is None:
         raise _Failed(
             "poses",
             f"case {case.case_id}: known poses were asked for, but its known_poses column is empty",
         )
     t0 = time.perf_counter()
-    with _stage("landmarks", case.landmarks):
-        landmarks = read_landmarks(case.landmarks)
+    if case.landmarks is not None:
+        with _stage("landmarks", case.landmarks):
+            landmarks = read_landmarks(case.landmarks)
     with _stage("ct", case.ct):
         ct = read_ct(case.ct)
     with _stage("labels", case.labels):
         labels = read_labels(case.labels, reference=ct)
+    errors: dict[str, str] = {}
+    if case.landmarks is None:
+        with _stage("landmarks", case.labels):
+            landmarks, errors = _automatic_landmarks(case, labels, options.out, log)
     with _stage("calibration", case.ct):
         calibration = calibrate_case(case, ct, labels)
         density = ct.with_data(volume_values(ct, "density", calibration), unit=units.MG_CM3)
@@ -399,7 +408,31 @@ def _load_case(case: ManifestCase, options: _Options, log: _CaseLog) -> _CaseDat
         f"{time.perf_counter() - t0:.1f} s: {calibration.method}, density_mg_cm3 = "
         f"{calibration.slope_mg_cm3_per_hu:.5f} * HU + {calibration.intercept_mg_cm3:.2f}"
     )
-    return _CaseData(case, ct, density, labels, calibration, landmarks)
+    return _CaseData(case, ct, density, labels, calibration, landmarks, errors)
+
+
+def _automatic_landmarks(
+    case: ManifestCase, labels: Volume, out: Path, log: _CaseLog
+) -> tuple[dict[str, FemurLandmarks], dict[str, str]]:
+    """Femur landmarks from the labels, or those an earlier run saved (DATASET/landmarks/)."""
+    from xbmd.auto_landmarks import case_landmarks
+
+    folder = out / "landmarks"
+    saved = folder / f"{_safe(case.case_id)}.json"
+    if saved.exists():
+        log(f"landmarks reused from {saved.relative_to(out).as_posix()}")
+        return read_landmarks(saved), {}
+    t0 = time.perf_counter()
+    found, errors = case_landmarks(labels, case.label_map, folder, f"{_safe(case.case_id)}_")
+    if not found:
+        raise _Failed("landmarks", "; ".join(errors.values()) or "no femur in the label map")
+    _write_atomic(saved, lambda tmp: write_landmarks(found, tmp))
+    log(
+        f"landmarks found automatically in {time.perf_counter() - t0:.1f} s for "
+        f"{', '.join(sorted(found))} femur (QC pictures in landmarks/)"
+        + "".join(f"; {e}" for e in errors.values())
+    )
+    return found, errors
 
 
 def _prepare_xray(
