@@ -94,6 +94,8 @@ class Phantom:
     name: str
     rods: tuple[Rod, ...]
     material: str = MATERIAL
+    #: Physical layout for automatic rod detection (``xbmd.rods.PhantomLayout``), if known.
+    layout: object = None
 
     @classmethod
     def from_dict(cls, d: object, source: str = "phantom") -> Phantom:
@@ -114,7 +116,12 @@ class Phantom:
         labels = [rod.label for rod in parsed]
         if len(set(labels)) != len(labels):
             raise InputError(f"{source}: rod labels must be unique, got {labels}")
-        return cls(name=name, rods=parsed, material=material)
+        layout = None
+        if d.get("layout") is not None:
+            from xbmd.rods import PhantomLayout
+
+            layout = PhantomLayout.from_dict(d["layout"], [r.label for r in parsed], source)
+        return cls(name=name, rods=parsed, material=material, layout=layout)
 
 
 def _parse_rod(d: object, where: str) -> Rod:

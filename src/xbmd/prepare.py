@@ -74,7 +74,8 @@ from xbmd.volume import Volume
 
 #: What a dataset folder holds (anything else there: not a dataset, refused).
 DATASET_ENTRIES = (
-    "samples", "registrations", "landmarks", "logs", "index.csv", "failures.csv", "prepare.json"
+    "samples", "registrations", "landmarks", "qc", "logs", "index.csv", "failures.csv",
+    "prepare.json",
 )  # fmt: skip
 SAMPLE_FORMAT = "xbmd-training-sample"
 DATASET_FORMAT = "xbmd-training-set"
@@ -112,12 +113,16 @@ FAILURE_COLUMNS = ("case_id", "xray", "side", "stage", "error")
 # The CT side: calibration and labels
 
 
-def calibrate_case(case: ManifestCase, ct: Volume, labels: Volume) -> Calibration:
+def calibrate_case(
+    case: ManifestCase, ct: Volume, labels: Volume, qc_dir: Path | None = None
+) -> Calibration:
     """The HU -> mg/cm3 calibration the manifest asks for (as ``xbmd calibrate`` makes it).
 
-    ``phantom``: rods labelled in ``labels``, densities from the phantom JSON or bundled name;
-    ``line``: the manifest's slope and intercept; ``phantomless``: air, fat and muscle found
-    automatically, at the manifest's kVp (else the CT's, else 120 kVp).
+    ``phantom``: densities from the phantom JSON or bundled name; rods from the case's
+    ``phantom_labels`` map, else from ``labels`` when its rod ids are there, else found
+    automatically (``xbmd.rods``; a QC picture goes to ``qc_dir``); ``line``: the manifest's
+    slope and intercept; ``phantomless``: air, fat and muscle found automatically, at the
+    manifest's kVp (else the CT's, else 120 kVp).
     """
     if case.calibration == "line":
         slope, intercept = case.calibration_line
@@ -125,10 +130,34 @@ def calibrate_case(case: ManifestCase, ct: Volume, labels: Volume) -> Calibratio
             slope, intercept, note=f"line given in the manifest for {case.case_id}"
         )
     if case.calibration == "phantom":
-        return phantom_calibration(ct, labels, load_phantom(case.phantom))
+        phantom = load_phantom(case.phantom)
+        if case.phantom_labels is not None:
+            return phantom_calibration(ct, read_labels(case.phantom_labels, reference=ct), phantom)
+        if np.isin(labels.data, [rod.label for rod in phantom.rods]).any():
+            return phantom_calibration(ct, labels, phantom)
+        return _automatic_rods(case, ct, phantom, qc_dir)
     if case.calibration == "phantomless":
         return phantomless_calibration(ct, kvp=case.kvp)
     raise InputError(f"case {case.case_id}: unknown calibration {case.calibration!r}")
+
+
+def _automatic_rods(case: ManifestCase, ct: Volume, phantom, qc_dir: Path | None) -> Calibration:
+    """Phantom calibration with the rods found in the CT (no rod labels in the case)."""
+    from dataclasses import replace
+
+    from xbmd.rods import find_rods, write_rods_qc_png
+
+    if phantom.layout is None:
+        raise InputError(
+            f"case {case.case_id}: no rod labels (phantom_labels column, or rod ids "
+            f"{[rod.label for rod in phantom.rods]} in its labels), and phantom "
+            f"{phantom.name!r} has no layout for finding them automatically"
+        )
+    found = find_rods(ct, phantom)
+    cal = phantom_calibration(ct, found.labels, phantom)
+    if qc_dir is not None:
+        write_rods_qc_png(found, ct, qc_dir / f"{_safe(case.case_id)}_rods.png", cal)
+    return replace(cal, notes=(*cal.notes, *found.notes))
 
 
 def side_labels(
@@ -380,8 +409,8 @@ def _load_case(case: ManifestCase, options: _Options, log: _CaseLog) -> _CaseDat
     """Landmarks, CT, label map, calibration and the density volume (mg/cm3) of a case.
 
     Without a landmarks file in the manifest, the landmarks are found from the femur labels
-    (``xbmd.auto_landmarks``), saved with a QC picture per femur in ``DATASET/landmarks/`` and
-    reused when the build resumes.
+    (``xbmd.auto_landmarks``), saved in ``DATASET/landmarks/`` (a QC picture per femur in
+    ``DATASET/qc/``) and reused when the build resumes.
     """
     if options.use_known_poses and case.known_poses is None:
         raise _Failed(
@@ -401,7 +430,7 @@ def _load_case(case: ManifestCase, options: _Options, log: _CaseLog) -> _CaseDat
         with _stage("landmarks", case.labels):
             landmarks, errors = _automatic_landmarks(case, labels, options.out, log)
     with _stage("calibration", case.ct):
-        calibration = calibrate_case(case, ct, labels)
+        calibration = calibrate_case(case, ct, labels, options.out / "qc")
         density = ct.with_data(volume_values(ct, "density", calibration), unit=units.MG_CM3)
     log(
         f"CT {ct.shape} voxels of {rounded(ct.spacing_mm, 3)} mm read and calibrated in "
@@ -423,13 +452,13 @@ def _automatic_landmarks(
         log(f"landmarks reused from {saved.relative_to(out).as_posix()}")
         return read_landmarks(saved), {}
     t0 = time.perf_counter()
-    found, errors = case_landmarks(labels, case.label_map, folder, f"{_safe(case.case_id)}_")
+    found, errors = case_landmarks(labels, case.label_map, out / "qc", f"{_safe(case.case_id)}_")
     if not found:
         raise _Failed("landmarks", "; ".join(errors.values()) or "no femur in the label map")
     _write_atomic(saved, lambda tmp: write_landmarks(found, tmp))
     log(
         f"landmarks found automatically in {time.perf_counter() - t0:.1f} s for "
-        f"{', '.join(sorted(found))} femur (QC pictures in landmarks/)"
+        f"{', '.join(sorted(found))} femur (QC pictures in qc/)"
         + "".join(f"; {e}" for e in errors.values())
     )
     return found, errors

@@ -13,6 +13,8 @@ HELP = """Calibrate a CT: fit density (mg/cm3 hydroxyapatite) = slope * HU + int
 
 With a phantom: xbmd calibrate CT --labels RODS --phantom bmas200 --out cal.json
 (--phantom takes a phantom JSON file or a bundled name; RODS labels each rod with its label).
+Without --labels the rods of a phantom with a layout (bmas200) are found automatically, and a QC
+picture with the rods outlined is written next to the output (--qc to choose its path).
 
 Without one: xbmd calibrate CT --phantomless --out cal.json [--kvp 120]
 (air, fat and muscle found automatically; or give --labels L --tissue-labels air=1,fat=2,muscle=3).
@@ -48,6 +50,14 @@ def main(
     no_erode: Annotated[
         bool, typer.Option("--no-erode", help="Use whole regions (default: erode one voxel).")
     ] = False,
+    qc: Annotated[
+        Path | None,
+        typer.Option(help="QC picture of automatically found rods (default: OUT_rods.png)."),
+    ] = None,
+    save_rods: Annotated[
+        Path | None,
+        typer.Option(help="Write the automatically found rods as a label map (NIfTI, NRRD...)."),
+    ] = None,
 ) -> None:
     with user_errors():
         from xbmd import calibration
@@ -56,8 +66,6 @@ def main(
 
         if phantomless == (phantom is not None):
             raise InputError("give either --phantom P.json (or a bundled name) or --phantomless")
-        if phantom is not None and labels is None:
-            raise InputError("--phantom needs --labels: a label map of the phantom's rods")
         if tissue_labels is not None and labels is None:
             raise InputError("--tissue-labels needs --labels: the label map they refer to")
         if phantomless and labels is not None and tissue_labels is None:
@@ -65,7 +73,32 @@ def main(
                 "with --phantomless, --labels needs --tissue-labels (e.g. air=1,fat=2,muscle=3)"
             )
 
-        if phantom is not None:
+        if phantom is not None and labels is None:
+            from dataclasses import replace
+
+            from xbmd.io.ct import write_volume
+            from xbmd.rods import find_rods, write_rods_qc_png
+
+            description = calibration.load_phantom(phantom)
+            if description.layout is None:
+                raise InputError(
+                    f"phantom {phantom!r} has no layout, so its rods cannot be found "
+                    "automatically: give --labels, a label map of its rods"
+                )
+            volume = read_ct(ct)
+            found = find_rods(volume, description)
+            result = calibration.phantom_calibration(
+                volume, found.labels, description, erode=not no_erode
+            )
+            result = replace(result, notes=(*result.notes, *found.notes))
+            picture = write_rods_qc_png(
+                found, volume, qc or out.with_name(f"{out.stem}_rods.png"), result
+            )
+            typer.echo(f"rods QC picture: {picture}")
+            if save_rods is not None:
+                write_volume(found.labels, save_rods)
+                typer.echo(f"rod labels: {save_rods}")
+        elif phantom is not None:
             description = calibration.load_phantom(phantom)  # before reading a large CT
             volume = read_ct(ct)
             rods = read_labels(labels, reference=volume)
