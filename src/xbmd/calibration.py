@@ -571,6 +571,8 @@ def phantomless_calibration(
     kvp: float | None = None,
     erode: bool = True,
     min_r: float = MIN_R,
+    measured: Mapping[str, tuple[float, int, int]] | None = None,
+    extra_notes: Sequence[str] = (),
 ) -> Calibration:
     """Calibrate a CT scanned without a phantom from its reference tissues.
 
@@ -587,6 +589,9 @@ def phantomless_calibration(
         (:func:`find_reference_tissues`).
     kvp : float, optional
         Tube voltage; default ``ct.meta['kvp']``, else 120 kVp (and a note says so).
+    measured : {tissue: (median HU, n_voxels, n_used)}, optional
+        Tissues measured elsewhere (e.g. labelled muscle, ``xbmd.contrast``) that replace the
+        automatically found ones; only without ``tissue_map``. ``extra_notes`` go to the notes.
 
     Expected error (simulated scanners, docs/calibration.md): RMS 8 % (95 % of scans within
     18 %) at 150 mg/cm3, 7 % (14 %) at 800 mg/cm3 with the kVp known, mostly from the scan's
@@ -603,12 +608,17 @@ def phantomless_calibration(
         if tissue_labels:
             raise InputError("tissue labels were given without a tissue label map")
         found = find_reference_tissues(ct)
+        auto = [t for t in found if t not in (measured or {})]
+        found.update(measured or {})
         labels: list[int | None] = [None] * len(found)
         notes.append(
             "tissues found automatically: air outside the body, fat and muscle histogram modes"
+            if not measured
+            else f"found automatically: {', '.join(auto)}"
         )
     else:
         found, labels = _labelled_tissues(ct, tissue_map, tissue_labels or {}, erode)
+    notes.extend(extra_notes)
     _check_plausible(found)
     names = list(found)
     hu = [found[t][0] for t in names]

@@ -119,7 +119,7 @@ class RodDetection:
     """The rods found in a CT: a label map for ``phantom_calibration`` and what QC shows."""
 
     labels: Volume  # rod label ids (the phantom's), 0 elsewhere, on the CT's grid
-    rods: list[FoundRod]
+    rods: list[FoundRod]  # in the order of the phantom description's rods
     slices: tuple[int, int]  # first and last slice index (k) of the rods' extent
     image: np.ndarray  # (J, I) median HU over the rods' extent, for QC
     r: float  # Pearson r of the placement (rod HU vs density)
@@ -361,6 +361,8 @@ def find_rods(ct: Volume, phantom) -> RodDetection:
             FoundRod(label, densities[label], mid, float(hu[i]), (start + i) in visible_slots)
         )
     r_all = float(np.corrcoef(hu, [densities[lab] for lab in order])[0, 1])
+    rank = {rod.label: i for i, rod in enumerate(phantom.rods)}
+    rods.sort(key=lambda rod: rank[rod.label])  # in the phantom description's order
     notes = [
         f"rods found automatically ({sum(f.visible for f in rods)} seen, "
         f"{sum(not f.visible for f in rods)} placed from the layout) over slices {first}-{last} "

@@ -36,10 +36,12 @@ from xbmd.calibration import Calibration
 from xbmd.errors import InputError
 from xbmd.femur import measure_femur, neutral_projection
 from xbmd.io.ct import write_volume
+from xbmd.io.totalseg import TISSUE_TYPE_IDS
 from xbmd.io.xray import write_xray_dicom, write_xray_png
 from xbmd.landmarks import write_landmarks
 from xbmd.manifest import ManifestCase, read_manifest, write_manifest
 from xbmd.synth import anatomy as anatomy_mod
+from xbmd.synth import contrast as contrast_mod
 from xbmd.synth import radiograph
 from xbmd.synth.model import BONE_LABELS, Anatomy, Patient
 from xbmd.synth.population import sample_patients
@@ -69,6 +71,10 @@ class SynthSettings:
     poses : radiographs per patient (the first is a well-positioned standard AP).
     phantomless_fraction : share of cases scanned without the calibration phantom.
     dxa_precision : relative SD of the simulated DXA measurement (1 %: a good DXA centre).
+    contrast_fraction : share of cases whose CT is contrast-enhanced (``xbmd.synth.contrast``;
+        own random draws, so 0 leaves every case as it was).
+    tissue_labels : also write ``tissues.nii.gz``: skeletal muscle 253, fat 251 and the
+        contrast-filled vessels (TotalSegmentator's vessel ids), as a segmenter would give them.
     """
 
     ct_spacing_mm: float = 1.0
@@ -76,6 +82,17 @@ class SynthSettings:
     poses: int = 4
     phantomless_fraction: float = 0.15
     dxa_precision: float = 0.01
+    contrast_fraction: float = 0.0
+    tissue_labels: bool = False
+
+    def to_dict(self) -> dict:
+        """The settings for cohort.json; options added later are recorded only when used, so
+        cohorts made before them keep their settings (and resume)."""
+        d = asdict(self)
+        for key in ("contrast_fraction", "tissue_labels"):
+            if d[key] == SynthSettings.__dataclass_fields__[key].default:
+                del d[key]
+        return d
 
 
 @dataclass
@@ -156,10 +173,17 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
     scanner = sample_scanner(rng)
     has_phantom = bool(rng.random() >= settings.phantomless_fraction)
     scales = scale_mineral_to_targets(anatomy, patient, scanner)
-    result = scan(anatomy, scanner, rng, phantom=has_phantom)
+    contrast = None
+    if settings.contrast_fraction > 0:
+        crng = contrast_mod.rng_for(patient.seed)
+        if crng.random() < settings.contrast_fraction:
+            contrast = contrast_mod.sample_contrast(crng)
+    result = scan(anatomy, scanner, rng, phantom=has_phantom, contrast=contrast)
     case_dir.mkdir(parents=True, exist_ok=True)
     write_volume(result.ct, case_dir / "ct.nii.gz")
     write_volume(result.labels, case_dir / "labels.nii.gz")
+    if settings.tissue_labels:
+        write_volume(_tissue_labels(anatomy, result), case_dir / "tissues.nii.gz")
     write_landmarks(anatomy.landmarks, case_dir / "landmarks.json")
     if has_phantom:
         _write_phantom(case_dir / "phantom.json")
@@ -178,6 +202,11 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
         }
     t_ct = time.perf_counter() - t0
     xrays = _radiographs(anatomy, patient, settings, rng, case_dir)
+    extra_ct = {}
+    if settings.contrast_fraction > 0:
+        extra_ct["contrast"] = None if contrast is None else contrast.to_dict()
+    if settings.tissue_labels:
+        extra_ct["tissues"] = "tissues.nii.gz"
     return {
         "format": "xbmd-virtual-case",
         "format_version": 1,
@@ -211,12 +240,30 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
                 "slope_mg_cm3_per_hu": true_line.slope_mg_cm3_per_hu,
                 "intercept_mg_cm3": true_line.intercept_mg_cm3,
             },
+            **extra_ct,
         },
         "anatomy": anatomy.meta,
         "landmarks": "landmarks.json",
         "xrays": xrays,
         "timing_s": {"ct": round(t_ct, 2), "total": round(time.perf_counter() - t0, 2)},
     }
+
+
+def _tissue_labels(anatomy: Anatomy, result) -> Volume:
+    """Skeletal muscle (253), fat (251) and drawn vessels on the CT's grid, as segmented."""
+    body = anatomy.meta["body"]
+    soft, free = anatomy.soft_tissue_hu, anatomy.mineral_mg_cm3 == 0
+    data = np.zeros(result.ct.shape, np.uint8)
+    n = soft.shape[1]  # the CT's grid is the anatomy's, padded posteriorly
+    data[:, :n][free & np.isclose(soft, body["fat_hu"], atol=1e-3)] = TISSUE_TYPE_IDS["torso_fat"]
+    data[:, :n][free & np.isclose(soft, body["muscle_hu"], atol=1e-3)] = TISSUE_TYPE_IDS[
+        "skeletal_muscle"
+    ]
+    if result.vessels is not None:
+        data[result.vessels > 0] = result.vessels[result.vessels > 0]
+    out = result.ct.with_data(data, unit="label")
+    out.source = "synthetic tissue labels"
+    return out
 
 
 def _write_phantom(path: Path) -> None:
@@ -424,14 +471,14 @@ def _check_resumable(out: Path, seed: int, settings: SynthSettings) -> None:
     meta = out / "cohort.json"
     if meta.exists():
         old = json.loads(meta.read_text())
-        if old.get("seed") != seed or old.get("settings") != asdict(settings):
+        if old.get("seed") != seed or old.get("settings") != settings.to_dict():
             raise InputError(
                 f"{out} holds a cohort made with another seed or settings; choose an empty folder"
             )
     elif out.exists() and any(out.iterdir()):
         raise InputError(f"{out} is not empty and holds no cohort.json; choose an empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    started = {"format": "xbmd-virtual-cohort", "seed": seed, "settings": asdict(settings)}
+    started = {"format": "xbmd-virtual-cohort", "seed": seed, "settings": settings.to_dict()}
     if not meta.exists():
         meta.write_text(json.dumps(started | {"status": "running"}, indent=1))
 
@@ -457,7 +504,7 @@ def _write_cohort_files(out: Path, seed: int, settings: SynthSettings, results) 
         "format": "xbmd-virtual-cohort",
         "xbmd_version": __version__,
         "seed": seed,
-        "settings": asdict(settings),
+        "settings": settings.to_dict(),
         "cases": len(results),
         "succeeded": len(ok),
         "failed": [{"case_id": r.case_id, "error": r.error} for r in results if not r.ok],
