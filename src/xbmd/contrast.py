@@ -11,8 +11,9 @@ mineral. This module detects contrast and decides what phantom-less calibration 
    ``xbmd.io.totalseg.BLOOD_POOL_IDS``): contrast when its median HU exceeds
    ``BLOOD_CONTRAST_HU`` (unenhanced blood reads 30-60 HU);
 2. without such labels, the image: contrast-filled vessels are uniform (no trabecular texture),
-   bright (``VESSEL_HU`` range), tube-like regions inside the body, away from dense bone, running
-   at least ``MIN_VESSEL_LENGTH_MM`` along the patient; one such region is enough.
+   bright (``VESSEL_HU`` range), tube-like regions inside the body, away from dense bone, not
+   enclosed by bone in their slice (as trabecular bone is by its cortex), running at least
+   ``MIN_VESSEL_LENGTH_MM`` along the patient (longer than a vertebral body); one is enough.
 
 :func:`phantomless_with_labels` is phantom-less calibration that prefers labelled muscle and fat
 (TotalSegmentator's muscles 80-89 or its ``tissue_types``, xbmd ids 251-253) over the automatic
@@ -48,8 +49,11 @@ VESSEL_MAX_SD_HU = 30.0
 #: ... at least this far (mm) from dense bone (HU > ``BONE_HU``).
 BONE_HU = 700.0
 BONE_MARGIN_MM = 3.0
-#: A vessel runs at least this far along the patient (mm) ...
-MIN_VESSEL_LENGTH_MM = 15.0
+#: Regions enclosed (in an axial slice) by voxels above this HU are inside bone, not vessels:
+#: trabecular bone inside its cortex.
+ENCLOSING_HU = 300.0
+#: A vessel runs at least this far along the patient (mm; longer than a vertebral body) ...
+MIN_VESSEL_LENGTH_MM = 40.0
 #: ... holds at least this volume (cm3) and is thin: mean cross-section at most this (cm2).
 MIN_VESSEL_CM3 = 0.8
 MAX_VESSEL_SECTION_CM2 = 12.0
@@ -92,7 +96,7 @@ def detect_contrast(ct: Volume, labels: Volume | None = None) -> ContrastCheck:
 
 
 def _image_test(ct: Volume) -> ContrastCheck:
-    step = max(1, int(IMAGE_TEST_PIXEL_MM / float(min(ct.spacing_mm[:2]))))
+    step = max(1, round(IMAGE_TEST_PIXEL_MM / float(min(ct.spacing_mm[:2]))))
     if step > 1:  # fine in-plane pixels: every step-th is enough for vessels, and faster
         ct = Volume(
             ct.data[:, ::step, ::step],
@@ -114,7 +118,10 @@ def _image_test(ct: Volume) -> ContrastCheck:
     )
     candidate &= ~bone
     candidate &= body_mask(hu)
-    del bone, smooth
+    ring = smooth > ENCLOSING_HU
+    for k in range(ring.shape[0]):  # holes of the bone: enclosed by cortex in the slice
+        candidate[k] &= ~(ndimage.binary_fill_holes(ring[k]) & ~ring[k])
+    del bone, smooth, ring
     pieces, n = ndimage.label(candidate)
     if n == 0:
         return ContrastCheck(False, "image", "no uniform bright tube-like region in the body")

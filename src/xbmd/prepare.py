@@ -44,7 +44,6 @@ from xbmd.calibration import (
     Calibration,
     load_phantom,
     phantom_calibration,
-    phantomless_calibration,
 )
 from xbmd.drr import volume_values
 from xbmd.errors import GeometryError, InputError, XbmdError
@@ -121,7 +120,8 @@ def calibrate_case(
     ``phantom``: densities from the phantom JSON or bundled name; rods from the case's
     ``phantom_labels`` map, else from ``labels`` when its rod ids are there, else found
     automatically (``xbmd.rods``; a QC picture goes to ``qc_dir``); ``line``: the manifest's
-    slope and intercept; ``phantomless``: air, fat and muscle found automatically, at the
+    slope and intercept; ``phantomless``: air, fat and muscle, labelled muscle and fat preferred
+    (``xbmd.contrast``; a contrast-enhanced CT without muscle labels is refused), at the
     manifest's kVp (else the CT's, else 120 kVp).
     """
     if case.calibration == "line":
@@ -137,7 +137,9 @@ def calibrate_case(
             return phantom_calibration(ct, labels, phantom)
         return _automatic_rods(case, ct, phantom, qc_dir)
     if case.calibration == "phantomless":
-        return phantomless_calibration(ct, kvp=case.kvp)
+        from xbmd.contrast import phantomless_with_labels
+
+        return phantomless_with_labels(ct, labels, kvp=case.kvp)[0]
     raise InputError(f"case {case.case_id}: unknown calibration {case.calibration!r}")
 
 

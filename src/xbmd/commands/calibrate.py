@@ -17,8 +17,10 @@ Without --labels the rods of a phantom with a layout (bmas200) are found automat
 picture with the rods outlined is written next to the output (--qc to choose its path).
 
 Without one: xbmd calibrate CT --phantomless --out cal.json [--kvp 120]
-(air, fat and muscle found automatically; or give --labels L --tissue-labels air=1,fat=2,muscle=3).
-Phantom-less calibration is less exact: see docs/calibration.md.
+(air, fat and muscle found automatically; or give --labels L --tissue-labels air=1,fat=2,muscle=3;
+--labels alone takes a TotalSegmentator output (folder, --ml file or DICOM SEG) and uses its
+muscles and fat). A contrast-enhanced CT is detected and refused without muscle labels, unless
+--allow-contrast. Phantom-less calibration is less exact: see docs/calibration.md.
 """
 
 
@@ -50,6 +52,14 @@ def main(
     no_erode: Annotated[
         bool, typer.Option("--no-erode", help="Use whole regions (default: erode one voxel).")
     ] = False,
+    allow_contrast: Annotated[
+        bool,
+        typer.Option(
+            "--allow-contrast",
+            help="Phantom-less: go on (with a warning) when contrast medium is detected and no "
+            "muscle is labelled.",
+        ),
+    ] = False,
     qc: Annotated[
         Path | None,
         typer.Option(help="QC picture of automatically found rods (default: OUT_rods.png)."),
@@ -68,10 +78,6 @@ def main(
             raise InputError("give either --phantom P.json (or a bundled name) or --phantomless")
         if tissue_labels is not None and labels is None:
             raise InputError("--tissue-labels needs --labels: the label map they refer to")
-        if phantomless and labels is not None and tissue_labels is None:
-            raise InputError(
-                "with --phantomless, --labels needs --tissue-labels (e.g. air=1,fat=2,muscle=3)"
-            )
 
         if phantom is not None and labels is None:
             from dataclasses import replace
@@ -103,13 +109,19 @@ def main(
             volume = read_ct(ct)
             rods = read_labels(labels, reference=volume)
             result = calibration.phantom_calibration(volume, rods, description, erode=not no_erode)
-        else:
-            tissues = calibration.parse_tissue_labels(tissue_labels) if tissue_labels else None
+        elif tissue_labels is not None:
+            tissues = calibration.parse_tissue_labels(tissue_labels)
             volume = read_ct(ct)
-            tissue_map = read_labels(labels, reference=volume) if labels is not None else None
+            tissue_map = read_labels(labels, reference=volume)
             result = calibration.phantomless_calibration(
                 volume, tissue_map, tissues, kvp=kvp, erode=not no_erode
             )
+        else:
+            from xbmd.contrast import phantomless_with_labels
+
+            volume = read_ct(ct)
+            tissue_map = read_labels(labels, reference=volume) if labels is not None else None
+            result, _ = phantomless_with_labels(volume, tissue_map, kvp, allow_contrast)
         result.to_json(out)
         typer.echo(result.summary())
         typer.echo(f"wrote {out}")
