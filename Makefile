@@ -36,6 +36,12 @@ bench: $(STAMP)
 	$(BIN)/xbmd synth --out bench_out/reg20 --cases 20 --seed 3000 --poses 2 --workers 2
 	$(BIN)/python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 6 --default-init 4
 	$(BIN)/python benchmarks/bench_prepare.py --cohort bench_out/reg20 --workers 2
+	$(BIN)/xbmd synth --out bench_out/cohort_a --cases 26 --seed 1701 --poses 1 --workers 2
+	$(BIN)/python benchmarks/bench_landmarks.py bench_out/cohort_a --qc bench_out/landmark_qc
+	$(BIN)/python benchmarks/bench_rods.py bench_out/cohort_a --qc bench_out/rods_qc
+	$(BIN)/xbmd synth --out bench_out/cohort_c --cases 16 --seed 1703 --poses 1 --workers 2 \
+		--contrast-fraction 0.5 --tissue-labels
+	$(BIN)/python benchmarks/bench_contrast.py bench_out/cohort_c --plain bench_out/cohort_a
 
 # The bundled default model (src/xbmd/data/models/default.pt), from scratch on 2 CPU cores:
 # a 64-patient virtual cohort with 4 radiographs each (seed 4000, never used for evaluation), known

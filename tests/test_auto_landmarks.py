@@ -101,3 +101,28 @@ def test_case_landmarks_reports_each_femur_and_writes_qc_pictures(femurs, tmp_pa
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     out = write_qc_png(femurs[3]["right"], labels, tmp_path / "right.png")
     assert out.exists()
+
+
+def test_cli_writes_the_landmarks_json_and_qc_pictures(femurs, tmp_path):
+    from typer.testing import CliRunner
+
+    from xbmd.cli import app
+    from xbmd.io.ct import write_volume
+    from xbmd.landmarks import read_landmarks
+
+    labels, _, truth, _ = femurs
+    write_volume(labels, tmp_path / "labels.nii.gz")
+    result = CliRunner().invoke(
+        app, ["landmarks", str(tmp_path / "labels.nii.gz"), "--out", str(tmp_path / "lm.json")]
+    )
+    assert result.exit_code == 0, result.output
+    found = read_landmarks(tmp_path / "lm.json")
+    assert np.linalg.norm(found["left"].head_center_mm - truth["left"].head_center_mm) < 0.3
+    assert (tmp_path / "lm_femur_right_landmarks.png").exists()
+    one = labels.with_data(np.where(labels.data == 3, 0, labels.data))
+    write_volume(one, tmp_path / "one.nii.gz")
+    partial = CliRunner().invoke(
+        app, ["landmarks", str(tmp_path / "one.nii.gz"), "--out", str(tmp_path / "one.json")]
+    )
+    assert partial.exit_code == 2 and "FAILED right femur" in partial.output
+    assert set(read_landmarks(tmp_path / "one.json")) == {"left"}

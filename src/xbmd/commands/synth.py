@@ -47,7 +47,7 @@ def main(
     tissue_labels: bool = typer.Option(
         False,
         "--tissue-labels",
-        help="Also write tissues.nii.gz (muscle 253, fat 251, contrast vessels) per case.",
+        help="Also write tissues.nii.gz (muscle 253, fat 252, contrast vessels) per case.",
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:

@@ -73,7 +73,7 @@ class SynthSettings:
     dxa_precision : relative SD of the simulated DXA measurement (1 %: a good DXA centre).
     contrast_fraction : share of cases whose CT is contrast-enhanced (``xbmd.synth.contrast``;
         own random draws, so 0 leaves every case as it was).
-    tissue_labels : also write ``tissues.nii.gz``: skeletal muscle 253, fat 251 and the
+    tissue_labels : also write ``tissues.nii.gz``: skeletal muscle 253, fat 252 and the
         contrast-filled vessels (TotalSegmentator's vessel ids), as a segmenter would give them.
     """
 
@@ -250,7 +250,7 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
 
 
 def _tissue_labels(anatomy: Anatomy, result) -> Volume:
-    """Skeletal muscle (253), fat (251) and drawn vessels on the CT's grid, as segmented."""
+    """Skeletal muscle (253), fat (252) and drawn vessels on the CT grid, as segmented."""
     body = anatomy.meta["body"]
     soft, free = anatomy.soft_tissue_hu, anatomy.mineral_mg_cm3 == 0
     data = np.zeros(result.ct.shape, np.uint8)
