@@ -11,8 +11,9 @@ mineral. This module detects contrast and decides what phantom-less calibration 
    ``xbmd.io.totalseg.BLOOD_POOL_IDS``): contrast when its median HU exceeds
    ``BLOOD_CONTRAST_HU`` (unenhanced blood reads 30-60 HU);
 2. without such labels, the image: contrast-filled vessels are uniform (no trabecular texture),
-   bright (``VESSEL_HU`` range), tube-like regions inside the body, away from dense bone, not
-   enclosed by bone in their slice (as trabecular bone is by its cortex), running at least
+   bright (``VESSEL_HU`` range), tube-like regions inside the patient (between its anterior and
+   posterior fat, so not in the table or a phantom under it), away from dense bone, not part of
+   or enclosed by a bone in their slice (as trabecular bone is by its cortex), running at least
    ``MIN_VESSEL_LENGTH_MM`` along the patient (longer than a vertebral body); one is enough.
 
 :func:`phantomless_with_labels` is phantom-less calibration that prefers labelled muscle and fat
@@ -49,8 +50,8 @@ VESSEL_MAX_SD_HU = 30.0
 #: ... at least this far (mm) from dense bone (HU > ``BONE_HU``).
 BONE_HU = 700.0
 BONE_MARGIN_MM = 3.0
-#: Regions enclosed (in an axial slice) by voxels above this HU are inside bone, not vessels:
-#: trabecular bone inside its cortex.
+#: In an axial slice, a connected piece above this HU that holds dense bone (> ``BONE_HU``) is a
+#: bone: it and what it encloses (trabecular bone inside its cortex) are not vessels.
 ENCLOSING_HU = 300.0
 #: A vessel runs at least this far along the patient (mm; longer than a vertebral body) ...
 MIN_VESSEL_LENGTH_MM = 40.0
@@ -117,11 +118,19 @@ def _image_test(ct: Volume) -> ContrastCheck:
         smooth > BONE_HU, np.ones(tuple(2 * m + 1 for m in margin), bool)
     )
     candidate &= ~bone
-    candidate &= body_mask(hu)
-    ring = smooth > ENCLOSING_HU
-    for k in range(ring.shape[0]):  # holes of the bone: enclosed by cortex in the slice
-        candidate[k] &= ~(ndimage.binary_fill_holes(ring[k]) & ~ring[k])
-    del bone, smooth, ring
+    body = body_mask(hu)
+    fat = body & (smooth > -200) & (smooth < -50)
+    fat = ndimage.binary_erosion(fat, np.ones((1, 3, 3), bool))  # not partial-volume edges
+    candidate &= body & _within_fat(fat)
+    del fat
+    del body
+    ring, dense = smooth > ENCLOSING_HU, smooth > BONE_HU
+    for k in range(ring.shape[0]):  # bones in the slice: pieces above 300 HU holding dense bone
+        pieces, _ = ndimage.label(ring[k])
+        bone_ids = np.unique(pieces[dense[k]])
+        bones = np.isin(pieces, bone_ids[bone_ids > 0])
+        candidate[k] &= ~ndimage.binary_fill_holes(bones)  # bone and what it encloses
+    del bone, smooth, ring, dense
     pieces, n = ndimage.label(candidate)
     if n == 0:
         return ContrastCheck(False, "image", "no uniform bright tube-like region in the body")
@@ -152,6 +161,18 @@ def _image_test(ct: Volume) -> ContrastCheck:
         "a contrast-filled vessel",
         median,
     )
+
+
+def _within_fat(fat: np.ndarray) -> np.ndarray:
+    """Voxels between the first and the last fat voxel of their (slice, column) along the rows:
+    inside the patient's fat envelope (the table, and a phantom under the patient, lie outside
+    the patient's subcutaneous fat)."""
+    rows = fat.shape[1]
+    has = fat.any(axis=1)
+    first = np.where(has, fat.argmax(axis=1), rows)
+    last = np.where(has, rows - 1 - fat[:, ::-1, :].argmax(axis=1), -1)
+    j = np.arange(rows)[None, :, None]
+    return (j > first[:, None, :]) & (j < last[:, None, :])
 
 
 def _labelled(ct: Volume, labels: Volume, ids) -> tuple[float, int, int] | None:
