@@ -10,7 +10,8 @@ mineral. This module detects contrast and decides what phantom-less calibration 
 1. labelled blood pool (TotalSegmentator's aorta, heart, vena cava, iliac vessels;
    ``xbmd.io.totalseg.BLOOD_POOL_IDS``): contrast when its median HU exceeds
    ``BLOOD_CONTRAST_HU`` (unenhanced blood reads 30-60 HU);
-2. without such labels, the image: contrast-filled vessels are uniform (no trabecular texture),
+2. without such labels, the image (in-plane pixels up to 2 mm; coarser: not tested, and the
+   check says so): contrast-filled vessels are uniform (no trabecular texture),
    bright (``VESSEL_HU`` range), tube-like regions inside the patient (between its anterior and
    posterior fat, so not in the table or a phantom under it), away from dense bone, not part of
    or enclosed by a bone in their slice (as trabecular bone is by its cortex), running at least
@@ -44,17 +45,22 @@ from xbmd.volume import Volume
 BLOOD_CONTRAST_HU = 100.0
 #: HU range of contrast-filled vessels in the image test.
 VESSEL_HU = (130.0, 650.0)
-#: Vessel voxels are uniform: local standard deviation (5 x 5 in-plane, after a light smoothing)
-#: at most this (trabecular bone is textured).
+#: Vessel voxels are uniform: their local standard deviation (5 x 5 in-plane, after a light
+#: smoothing) is at most this factor times the image noise (the median of that SD in fat) or the
+#: noise + 8 HU, and at most ``VESSEL_MAX_SD_HU`` (trabecular bone is textured).
+VESSEL_NOISE_FACTOR = 2.0
 VESSEL_MAX_SD_HU = 30.0
+#: The image test needs in-plane pixels at most this large (mm); coarser: contrast unknown.
+IMAGE_TEST_MAX_PIXEL_MM = 2.0
 #: ... at least this far (mm) from dense bone (HU > ``BONE_HU``).
 BONE_HU = 700.0
 BONE_MARGIN_MM = 3.0
 #: In an axial slice, a connected piece above this HU that holds dense bone (> ``BONE_HU``) is a
 #: bone: it and what it encloses (trabecular bone inside its cortex) are not vessels.
 ENCLOSING_HU = 300.0
-#: A vessel runs at least this far along the patient (mm; longer than a vertebral body) ...
-MIN_VESSEL_LENGTH_MM = 40.0
+#: A vessel runs at least this far along the patient (mm; longer than a vertebral body or the
+#: coccyx, whose trabecular bone can look uniform) ...
+MIN_VESSEL_LENGTH_MM = 60.0
 #: ... holds at least this volume (cm3) and is thin: mean cross-section at most this (cm2).
 MIN_VESSEL_CM3 = 0.8
 MAX_VESSEL_SECTION_CM2 = 12.0
@@ -107,23 +113,32 @@ def _image_test(ct: Volume) -> ContrastCheck:
         )
     hu = ct.data.astype(np.float32, copy=False)
     spacing = ct.spacing_mm  # (i, j, k)
+    if float(max(spacing[:2])) > IMAGE_TEST_MAX_PIXEL_MM:
+        return ContrastCheck(
+            False,
+            "image",
+            f"not tested: in-plane pixels of {float(max(spacing[:2])):.1f} mm are too coarse to "
+            f"tell vessels from bone (<= {IMAGE_TEST_MAX_PIXEL_MM:g} mm needed); contrast unknown",
+        )
     smooth = ndimage.gaussian_filter(hu, 0.7)
     mean = ndimage.uniform_filter(smooth, (1, 5, 5))
     sd = np.sqrt(np.maximum(ndimage.uniform_filter(smooth * smooth, (1, 5, 5)) - mean * mean, 0))
+    del mean
+    body = body_mask(hu)
+    fat = body & (smooth > -200) & (smooth < -50)
+    fat = ndimage.binary_erosion(fat, np.ones((1, 3, 3), bool))  # not partial-volume edges
+    noise = float(np.median(sd[fat])) if fat.any() else VESSEL_MAX_SD_HU
     lo, hi = VESSEL_HU
-    candidate = (smooth >= lo) & (smooth <= hi) & (sd <= VESSEL_MAX_SD_HU)
-    del mean, sd
+    uniform = sd <= min(VESSEL_MAX_SD_HU, max(VESSEL_NOISE_FACTOR * noise, noise + 8.0))
+    candidate = (smooth >= lo) & (smooth <= hi) & uniform
+    del sd, uniform
     margin = np.maximum(np.round(BONE_MARGIN_MM / spacing[::-1]).astype(int), 1)
     bone = ndimage.binary_dilation(
         smooth > BONE_HU, np.ones(tuple(2 * m + 1 for m in margin), bool)
     )
     candidate &= ~bone
-    body = body_mask(hu)
-    fat = body & (smooth > -200) & (smooth < -50)
-    fat = ndimage.binary_erosion(fat, np.ones((1, 3, 3), bool))  # not partial-volume edges
     candidate &= body & _within_fat(fat)
-    del fat
-    del body
+    del fat, body
     ring, dense = smooth > ENCLOSING_HU, smooth > BONE_HU
     for k in range(ring.shape[0]):  # bones in the slice: pieces above 300 HU holding dense bone
         pieces, _ = ndimage.label(ring[k])
