@@ -36,6 +36,7 @@ from xbmd.calibration import phantomless_calibration
 from xbmd.contrast import MUSCLE_LABEL_IDS, detect_contrast, phantomless_with_labels
 from xbmd.errors import CalibrationError
 from xbmd.io.ct import read_ct, read_labels
+from xbmd.io.totalseg import BLOOD_POOL_IDS
 
 DENSITIES = (150.0, 800.0)
 
@@ -70,11 +71,12 @@ def synthetic(cohort: Path) -> None:
         t0 = time.perf_counter()
         image = detect_contrast(ct)
         seconds = time.perf_counter() - t0
-        labelled = detect_contrast(ct, tissues)
+        pool = np.isin(tissues.data, BLOOD_POOL_IDS).any()
+        labelled = detect_contrast(ct, tissues) if pool else image  # no pool: the image test
         auto = phantomless_calibration(ct, kvp=kvp)
-        with_labels, _ = phantomless_with_labels(ct, tissues, kvp=kvp)
+        with_labels, _ = phantomless_with_labels(ct, tissues, kvp=kvp, check=labelled)
         try:
-            phantomless_with_labels(ct, None, kvp=kvp)
+            phantomless_with_labels(ct, None, kvp=kvp, check=image)
             refused = False
         except CalibrationError:
             refused = True

@@ -140,11 +140,11 @@ def _image_test(ct: Volume) -> ContrastCheck:
     candidate &= body & _within_fat(fat)
     del fat, body
     ring, dense = smooth > ENCLOSING_HU, smooth > BONE_HU
-    for k in range(ring.shape[0]):  # bones in the slice: pieces above 300 HU holding dense bone
+    for k in np.flatnonzero(candidate.any(axis=(1, 2))):  # bones: pieces > 300 HU with dense bone
         pieces, _ = ndimage.label(ring[k])
         bone_ids = np.unique(pieces[dense[k]])
         bones = np.isin(pieces, bone_ids[bone_ids > 0])
-        candidate[k] &= ~ndimage.binary_fill_holes(bones)  # bone and what it encloses
+        candidate[k] &= ~_filled(bones)  # bone and what it encloses
     del bone, smooth, ring, dense
     pieces, n = ndimage.label(candidate)
     if n == 0:
@@ -178,6 +178,18 @@ def _image_test(ct: Volume) -> ContrastCheck:
     )
 
 
+def _filled(mask: np.ndarray) -> np.ndarray:
+    """``mask`` with its holes filled (2D): background pieces that do not reach the border.
+
+    Same result as ``ndimage.binary_fill_holes``, by labelling instead of iterated dilation
+    (which took most of the test's time)."""
+    background, _ = ndimage.label(~mask)
+    edge = np.unique(
+        np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    )
+    return mask | ~np.isin(background, edge)
+
+
 def _within_fat(fat: np.ndarray) -> np.ndarray:
     """Voxels between the first and the last fat voxel of their (slice, column) along the rows:
     inside the patient's fat envelope (the table, and a phantom under the patient, lie outside
@@ -204,6 +216,7 @@ def phantomless_with_labels(
     labels: Volume | None = None,
     kvp: float | None = None,
     allow_contrast: bool = False,
+    check: ContrastCheck | None = None,
 ) -> tuple[Calibration, ContrastCheck]:
     """Phantom-less calibration that checks for contrast and prefers labelled muscle and fat.
 
@@ -212,9 +225,10 @@ def phantomless_with_labels(
     check), e.g. read from its output folder; other ids are ignored. Air always, and fat when not
     labelled, are found automatically. A contrast-enhanced CT without muscle labels raises
     ``CalibrationError`` unless ``allow_contrast`` (then the automatic search is used and a
-    warning is added to the notes).
+    warning is added to the notes). ``check``: a ``detect_contrast(ct, labels)`` result already
+    at hand (it is not repeated).
     """
-    check = detect_contrast(ct, labels)
+    check = detect_contrast(ct, labels) if check is None else check
     measured: dict[str, tuple[float, int, int]] = {}
     notes = []
     if labels is not None:
