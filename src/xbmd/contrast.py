@@ -8,8 +8,9 @@ mineral. This module detects contrast and decides what phantom-less calibration 
 :func:`detect_contrast` looks, in order, at
 
 1. labelled blood pool (TotalSegmentator's aorta, heart, vena cava, iliac vessels;
-   ``xbmd.io.totalseg.BLOOD_POOL_IDS``): contrast when its median HU exceeds
-   ``BLOOD_CONTRAST_HU`` (unenhanced blood reads 30-60 HU);
+   ``xbmd.io.totalseg.BLOOD_POOL_IDS``): contrast when the median HU of any one of them exceeds
+   ``BLOOD_CONTRAST_HU`` (unenhanced blood reads 30-60 HU; in an arterial phase only the
+   arteries are enhanced);
 2. without such labels, the image (in-plane pixels up to 2 mm; coarser: not tested, and the
    check says so): contrast-filled vessels are uniform (no trabecular texture),
    bright (``VESSEL_HU`` range), tube-like regions inside the patient (between its anterior and
@@ -38,17 +39,17 @@ from xbmd.calibration import (
     region_median_hu,
 )
 from xbmd.errors import CalibrationError
-from xbmd.io.totalseg import BLOOD_POOL_IDS, MUSCLE_IDS, TISSUE_TYPE_IDS
+from xbmd.io.totalseg import BLOOD_POOL_IDS, MUSCLE_IDS, TISSUE_TYPE_IDS, TOTALSEGMENTATOR_IDS
 from xbmd.volume import Volume
 
 #: Labelled blood above this median HU is contrast-enhanced.
 BLOOD_CONTRAST_HU = 100.0
 #: HU range of contrast-filled vessels in the image test.
 VESSEL_HU = (130.0, 650.0)
-#: Vessel voxels are uniform: their local standard deviation (5 x 5 in-plane, after a light
+#: Vessel voxels are uniform: their local standard deviation (3 x 3 in-plane, after a light
 #: smoothing) is at most this factor times the image noise (the median of that SD in fat) or the
-#: noise + 8 HU, and at most ``VESSEL_MAX_SD_HU`` (trabecular bone is textured).
-VESSEL_NOISE_FACTOR = 2.0
+#: noise + 10 HU, and at most ``VESSEL_MAX_SD_HU`` (trabecular bone is textured).
+VESSEL_NOISE_FACTOR = 2.5
 VESSEL_MAX_SD_HU = 30.0
 #: The image test needs in-plane pixels at most this large (mm); coarser: contrast unknown.
 IMAGE_TEST_MAX_PIXEL_MM = 2.0
@@ -69,6 +70,7 @@ IMAGE_TEST_PIXEL_MM = 1.4
 #: Fat and muscle ids a label map may carry (TotalSegmentator's total and tissue_types tasks).
 FAT_IDS = (TISSUE_TYPE_IDS["subcutaneous_fat"], TISSUE_TYPE_IDS["torso_fat"])
 MUSCLE_LABEL_IDS = (*MUSCLE_IDS, TISSUE_TYPE_IDS["skeletal_muscle"])
+BLOOD_POOL_NAMES = {v: k for k, v in TOTALSEGMENTATOR_IDS.items() if v in BLOOD_POOL_IDS}
 
 
 @dataclass(frozen=True)
@@ -87,16 +89,23 @@ class ContrastCheck:
 def detect_contrast(ct: Volume, labels: Volume | None = None) -> ContrastCheck:
     """Is ``ct`` (HU) contrast-enhanced? From labelled blood pool if any, else from the image."""
     if labels is not None:
-        pool = np.isin(labels.data, BLOOD_POOL_IDS)
-        if pool.sum() >= MIN_TISSUE_VOXELS:
-            core = ndimage.binary_erosion(pool) if pool.sum() > 8 * MIN_TISSUE_VOXELS else pool
-            hu = float(np.median(ct.data[core]))
+        readings = {}  # each vessel on its own: in an arterial phase the veins are not enhanced
+        for ident in BLOOD_POOL_IDS:
+            mask = labels.data == ident
+            if mask.sum() >= MIN_TISSUE_VOXELS:
+                core = ndimage.binary_erosion(mask)
+                core = core if core.sum() >= MIN_TISSUE_VOXELS else mask
+                readings[ident] = (float(np.median(ct.data[core])), int(core.sum()))
+        if readings:
+            ident = max(readings, key=lambda i: readings[i][0])
+            hu, n = readings[ident]
             found = hu > BLOOD_CONTRAST_HU
+            name = BLOOD_POOL_NAMES.get(ident, str(ident))
             return ContrastCheck(
                 found,
                 "labels",
-                f"labelled blood pool (aorta, heart, vessels; {int(core.sum())} voxels) reads "
-                f"{hu:.0f} HU ({'above' if found else 'below'} {BLOOD_CONTRAST_HU:g} HU)",
+                f"the brightest labelled blood pool, {name} ({n} voxels), reads {hu:.0f} HU "
+                f"({'above' if found else 'below'} {BLOOD_CONTRAST_HU:g} HU)",
                 hu,
             )
     return _image_test(ct)
@@ -121,15 +130,15 @@ def _image_test(ct: Volume) -> ContrastCheck:
             f"tell vessels from bone (<= {IMAGE_TEST_MAX_PIXEL_MM:g} mm needed); contrast unknown",
         )
     smooth = ndimage.gaussian_filter(hu, 0.7)
-    mean = ndimage.uniform_filter(smooth, (1, 5, 5))
-    sd = np.sqrt(np.maximum(ndimage.uniform_filter(smooth * smooth, (1, 5, 5)) - mean * mean, 0))
+    mean = ndimage.uniform_filter(smooth, (1, 3, 3))
+    sd = np.sqrt(np.maximum(ndimage.uniform_filter(smooth * smooth, (1, 3, 3)) - mean * mean, 0))
     del mean
     body = body_mask(hu)
     fat = body & (smooth > -200) & (smooth < -50)
     fat = ndimage.binary_erosion(fat, np.ones((1, 3, 3), bool))  # not partial-volume edges
     noise = float(np.median(sd[fat])) if fat.any() else VESSEL_MAX_SD_HU
     lo, hi = VESSEL_HU
-    uniform = sd <= min(VESSEL_MAX_SD_HU, max(VESSEL_NOISE_FACTOR * noise, noise + 8.0))
+    uniform = sd <= min(VESSEL_MAX_SD_HU, max(VESSEL_NOISE_FACTOR * noise, noise + 10.0))
     candidate = (smooth >= lo) & (smooth <= hi) & uniform
     del sd, uniform
     margin = np.maximum(np.round(BONE_MARGIN_MM / spacing[::-1]).astype(int), 1)
