@@ -15,7 +15,7 @@ mineral. This module detects contrast and decides what phantom-less calibration 
    check says so): contrast-filled vessels are uniform (no trabecular texture),
    bright (``VESSEL_HU`` range), tube-like regions inside the patient (between its anterior and
    posterior fat, so not in the table or a phantom under it), away from dense bone, not part of
-   or enclosed by a bone in their slice (as trabecular bone is by its cortex), running at least
+   a bone nor enclosed by a cortex above 300 HU in their slice (trabecular bone), running at least
    ``MIN_VESSEL_LENGTH_MM`` along the patient (longer than a vertebral body); one is enough.
 
 :func:`phantomless_with_labels` is phantom-less calibration that prefers labelled muscle and fat
@@ -50,14 +50,17 @@ VESSEL_HU = (130.0, 650.0)
 #: smoothing) is at most this factor times the image noise (the median of that SD in fat) or the
 #: noise + 10 HU, and at most ``VESSEL_MAX_SD_HU`` (trabecular bone is textured).
 VESSEL_NOISE_FACTOR = 2.5
+#: Gaps in a bone's cortex up to about twice this (mm) are closed before its holes are filled.
+CORTEX_GAP_MM = 3.0
 VESSEL_MAX_SD_HU = 30.0
 #: The image test needs in-plane pixels at most this large (mm); coarser: contrast unknown.
 IMAGE_TEST_MAX_PIXEL_MM = 2.0
 #: ... at least this far (mm) from dense bone (HU > ``BONE_HU``).
 BONE_HU = 700.0
 BONE_MARGIN_MM = 3.0
-#: In an axial slice, a connected piece above this HU that holds dense bone (> ``BONE_HU``) is a
-#: bone: it and what it encloses (trabecular bone inside its cortex) are not vessels.
+#: In an axial slice, what a ring above this HU encloses (trabecular bone inside a cortex), and a
+#: connected piece above it that holds dense bone (> ``BONE_HU``) with what it encloses, are bone,
+#: not vessels.
 ENCLOSING_HU = 300.0
 #: A vessel runs at least this far along the patient (mm; longer than a vertebral body or the
 #: coccyx, whose trabecular bone can look uniform) ...
@@ -149,11 +152,17 @@ def _image_test(ct: Volume) -> ContrastCheck:
     candidate &= body & _within_fat(fat)
     del fat, body
     ring, dense = smooth > ENCLOSING_HU, smooth > BONE_HU
+    r = max(1, round(CORTEX_GAP_MM / float(min(spacing[:2]))))
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    gap = yy**2 + xx**2 <= r * r
     for k in np.flatnonzero(candidate.any(axis=(1, 2))):  # bones: pieces > 300 HU with dense bone
         pieces, _ = ndimage.label(ring[k])
         bone_ids = np.unique(pieces[dense[k]])
         bones = np.isin(pieces, bone_ids[bone_ids > 0])
+        bones = ndimage.binary_closing(bones, gap, border_value=0)  # cortex with small gaps
         candidate[k] &= ~_filled(bones)  # bone and what it encloses
+        closed = ndimage.binary_closing(ring[k], gap, border_value=0)
+        candidate[k] &= ~(_filled(closed) & ~closed)  # enclosed by any cortex above 300 HU
     del bone, smooth, ring, dense
     pieces, n = ndimage.label(candidate)
     if n == 0:
