@@ -19,7 +19,9 @@ HELP = (
 
 
 def main(
-    labels: Path = typer.Argument(..., help="Label map (file, TotalSegmentator folder, SEG)."),
+    labels: Path = typer.Argument(
+        ..., metavar="LABELS", help="Label map (file, TotalSegmentator folder, SEG)."
+    ),
     out: Path = typer.Option(..., "--out", help="Landmarks JSON to write."),
     label_map: str = typer.Option(
         "pelvis_right=1;pelvis_left=2;femur_right=3;femur_left=4",
