@@ -51,6 +51,12 @@ bench: $(STAMP)
 	$(BIN)/xbmd synth --out bench_out/reg20 --cases 20 --seed 3000 --poses 2 --workers 2
 	$(BIN)/python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 6 --default-init 4
 	$(BIN)/python benchmarks/bench_prepare.py --cohort bench_out/reg20 --workers 2
+	$(BIN)/xbmd synth --out bench_out/cohort_a --cases 26 --seed 1701 --poses 1 --workers 2
+	$(BIN)/python benchmarks/bench_landmarks.py bench_out/cohort_a --qc bench_out/landmark_qc
+	$(BIN)/python benchmarks/bench_rods.py bench_out/cohort_a --qc bench_out/rods_qc
+	$(BIN)/xbmd synth --out bench_out/cohort_c --cases 16 --seed 1703 --poses 1 --workers 2 \
+		--contrast-fraction 0.5 --tissue-labels
+	$(BIN)/python benchmarks/bench_contrast.py bench_out/cohort_c --plain bench_out/cohort_a
 
 # The Orthanc service under load and faults (run it alone on the machine: it is timed).
 bench-service: $(STAMP) system-packages

@@ -337,7 +337,7 @@ def test_cli_phantom_calibration_writes_json_and_prints_a_summary(cli, rod_files
 
 
 def test_cli_bundled_phantom_with_a_missing_rod_fails_with_one_line(cli, rod_files):
-    # The rods are labelled 101-105 like bmas200, so use a phantom expecting a rod 106.
+    # The rods are labelled 101-105, so use a phantom expecting a rod 106.
     phantom = rod_files / "six.json"
     rods = [{"label": 101 + n, "density_mg_cm3": 40.0 * n} for n in range(6)]
     phantom.write_text(json.dumps({"name": "six", "material": "hydroxyapatite", "rods": rods}))
@@ -357,10 +357,14 @@ def test_cli_bundled_phantom_with_a_missing_rod_fails_with_one_line(cli, rod_fil
 
 
 def test_cli_bundled_phantom_name(cli, rod_files):
+    from xbmd.io.ct import read_labels, write_volume
+
+    rods = read_labels(rod_files / "rods.nii.gz")  # bmas200's rods are labelled 201-205
+    write_volume(rods.with_data(np.where(rods.data > 0, rods.data + 100, 0)), rod_files / "b.nrrd")
     result = cli(
         rod_files / "ct.nii.gz",
         "--labels",
-        rod_files / "rods.nii.gz",
+        rod_files / "b.nrrd",
         "--phantom",
         "bmas200",
         "--out",

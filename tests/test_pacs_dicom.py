@@ -230,8 +230,8 @@ def test_estimate_a_folder_with_dicom_out(tmp_path):
 
 
 def test_overlay_warp_matches_the_estimators_mapping(estimated):
-    """The overlay's PIL warp puts each hip's region where ``xbmd.estimate.warp_to_image`` (the
-    tested mapping of the model grid onto the radiograph) puts it."""
+    """The overlay's PIL warp puts each hip's region where ``xbmd.estimation.result.warp_to_image``
+    (the tested mapping of the model grid onto the radiograph) puts it."""
     from xbmd.estimation.result import warp_to_image
     from xbmd.pacs.render import OVERLAY_ALPHA, _hip_layer, radiograph_display
 

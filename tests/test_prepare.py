@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from xbmd.cli import app
+from xbmd.ct.landmarks import read_landmarks
 from xbmd.dataset.format import INDEX_COLUMNS, load_sample
 from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, hip_crop
 from xbmd.dataset.manifest import read_manifest, write_manifest
@@ -198,19 +199,22 @@ def test_broken_cases_are_reported_and_the_rest_written(cohort, tmp_path):
          "--workers", "2", "--no-progress"],
     )  # fmt: skip
     assert result.exit_code == 2, result.output
-    assert "2 samples written" in result.output and "FAILED bad_ct" in result.output
+    assert "4 samples written" in result.output and "FAILED bad_ct" in result.output
     failures = {f["case_id"]: f for f in csv.DictReader((out / "failures.csv").open())}
-    assert set(failures) == {"bad_ct", "bad_xray", "no_lm"}
+    assert set(failures) == {"bad_ct", "bad_xray"}
     assert (
         failures["bad_ct"]["stage"] == "ct" and "corrupt_ct.nii.gz" in failures["bad_ct"]["error"]
     )
     assert failures["bad_xray"]["stage"] == "xray"
     assert "missing.dcm" in failures["bad_xray"]["error"]
-    assert "no landmarks" in failures["no_lm"]["error"]
-    assert {r["case_id"] for r in _index(out)} == {good.case_id}
+    # without a landmarks file, the landmarks are found from the femur labels, kept, shown
+    assert {r["case_id"] for r in _index(out)} == {good.case_id, "no_lm"}
+    assert set(read_landmarks(out / "landmarks" / "no_lm.json")) == {"left", "right"}
+    assert (out / "qc" / "no_lm_femur_left_landmarks.png").exists()
+    assert "landmarks found automatically" in (out / "logs" / "no_lm.log").read_text()
     assert "FAILED" in (out / "logs" / "bad_ct.log").read_text()
     meta = json.loads((out / "prepare.json").read_text())
-    assert meta["cases_with_failures"] == 3 and meta["run_settings"]["workers"] == 2
+    assert meta["cases_with_failures"] == 2 and meta["run_settings"]["workers"] == 2
     assert not list(out.rglob("*.partial"))
 
 

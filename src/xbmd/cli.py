@@ -15,6 +15,7 @@ from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
 from xbmd.commands import estimate as _estimate
 from xbmd.commands import evaluate as _evaluate
+from xbmd.commands import landmarks as _landmarks
 from xbmd.commands import prepare as _prepare
 from xbmd.commands import register as _register
 from xbmd.commands import serve as _serve
@@ -35,6 +36,7 @@ app = typer.Typer(
 app.command("calibrate", help=_calibrate.HELP)(_calibrate.main)
 app.command("drr", help=_drr.HELP)(_drr.main)
 app.command("synth", help=_synth.HELP)(_synth.main)
+app.command("landmarks", help=_landmarks.HELP)(_landmarks.main)
 app.command("register", help=_register.HELP)(_register.main)
 app.command("prepare", help=_prepare.HELP)(_prepare.main)
 app.command("estimate", help=_estimate.HELP)(_estimate.main)

@@ -101,6 +101,9 @@ def main(
             label_ids=label or None,
             isocenter_mm=None if isocenter is None else np.asarray(isocenter),
         )
+        if quantity == Quantity.density and vol.unit == "HU":
+            for line in _density_warnings(vol, body, lab, label):
+                typer.echo(f"warning: {line}", err=True)
         spacing = pixel_spacing or _fill_spacing(vol, size, sdd / sod, geometry.value)
         if geometry == GeometryKind.perspective:
             geo = PerspectiveGeometry(sdd, sod, size, spacing, view=view.value)
@@ -132,3 +135,38 @@ def _fill_spacing(vol, size: tuple[int, int], magnification: float, geometry: st
     extent = np.ptp(corners, axis=0)  # LPS mm; an AP view sees x (L-R) and z (S-I)
     mag = magnification if geometry == "perspective" else 1.0
     return float(max(extent[0] / size[1], extent[2] / size[0])) * mag * 1.05
+
+
+def _density_warnings(vol, body, labels, label_ids) -> list[str]:
+    """Why a density rendering of a CT may not be mineral: soft tissue and contrast medium.
+
+    The calibration line maps fat and lung below 0 mg/cm3 and iodine above it; only bone labels
+    make the rendering a bone mineral image.
+    """
+    import numpy as np
+
+    values = body.data.numpy()
+    rendered = values[values != 0]
+    lines = []
+    negative = float((rendered < -20.0).mean()) if rendered.size else 0.0
+    if negative > 0.05:
+        lines.append(
+            f"density mode outside bone: {100 * negative:.0f} % of the rendered voxels hold "
+            f"negative 'mineral' (fat, lung; down to {rendered.min():.0f} mg/cm3), which "
+            "subtracts from the g/cm2; render bone labels only (--labels L --label ID)"
+        )
+    if not label_ids:
+        from xbmd.ct.contrast import detect_contrast
+
+        check = detect_contrast(vol, labels)
+        if check.contrast:
+            lines.append(
+                f"contrast medium detected ({check.evidence}): it renders as mineral; render "
+                "bone labels only (--labels L --label ID)"
+            )
+    elif rendered.size and np.median(rendered) < 50.0:
+        lines.append(
+            f"the rendered labels {label_ids} have a median density of "
+            f"{np.median(rendered):.0f} mg/cm3: not bone?"
+        )
+    return lines

@@ -74,6 +74,18 @@ def main(
         max=1.0,
         help="Share of cases scanned without the calibration phantom.",
     ),
+    contrast: float = typer.Option(
+        0.0,
+        "--contrast-fraction",
+        min=0.0,
+        max=1.0,
+        help="Share of cases whose CT is contrast-enhanced (bright vessels); 0: none.",
+    ),
+    tissue_labels: bool = typer.Option(
+        False,
+        "--tissue-labels",
+        help="Also write tissues.nii.gz (muscle 253, fat 252, contrast vessels) per case.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     with user_errors():
@@ -89,6 +101,8 @@ def main(
             implant_fraction=implant_fraction,
             device_families=tuple(families) if families else None,
             processing=processing,
+            contrast_fraction=contrast,
+            tissue_labels=tissue_labels,
         )
         summary = generate_cohort(out, cases, seed, settings, workers or None, progress)
     secs = summary["seconds_per_case"]

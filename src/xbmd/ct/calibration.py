@@ -94,6 +94,8 @@ class Phantom:
     name: str
     rods: tuple[Rod, ...]
     material: str = MATERIAL
+    #: Physical layout for automatic rod detection (``xbmd.ct.rods.PhantomLayout``), if known.
+    layout: object = None
 
     @classmethod
     def from_dict(cls, d: object, source: str = "phantom") -> Phantom:
@@ -114,7 +116,12 @@ class Phantom:
         labels = [rod.label for rod in parsed]
         if len(set(labels)) != len(labels):
             raise InputError(f"{source}: rod labels must be unique, got {labels}")
-        return cls(name=name, rods=parsed, material=material)
+        layout = None
+        if d.get("layout") is not None:
+            from xbmd.ct.rods import PhantomLayout
+
+            layout = PhantomLayout.from_dict(d["layout"], [r.label for r in parsed], source)
+        return cls(name=name, rods=parsed, material=material, layout=layout)
 
 
 def _parse_rod(d: object, where: str) -> Rod:
@@ -564,6 +571,8 @@ def phantomless_calibration(
     kvp: float | None = None,
     erode: bool = True,
     min_r: float = MIN_R,
+    measured: Mapping[str, tuple[float, int, int]] | None = None,
+    extra_notes: Sequence[str] = (),
 ) -> Calibration:
     """Calibrate a CT scanned without a phantom from its reference tissues.
 
@@ -580,6 +589,9 @@ def phantomless_calibration(
         (:func:`find_reference_tissues`).
     kvp : float, optional
         Tube voltage; default ``ct.meta['kvp']``, else 120 kVp (and a note says so).
+    measured : {tissue: (median HU, n_voxels, n_used)}, optional
+        Tissues measured elsewhere (e.g. labelled muscle, ``xbmd.ct.contrast``) that replace the
+        automatically found ones; only without ``tissue_map``. ``extra_notes`` go to the notes.
 
     Expected error (simulated scanners, docs/calibration.md): RMS 8 % (95 % of scans within
     18 %) at 150 mg/cm3, 7 % (14 %) at 800 mg/cm3 with the kVp known, mostly from the scan's
@@ -596,12 +608,17 @@ def phantomless_calibration(
         if tissue_labels:
             raise InputError("tissue labels were given without a tissue label map")
         found = find_reference_tissues(ct)
+        auto = [t for t in found if t not in (measured or {})]
+        found.update(measured or {})
         labels: list[int | None] = [None] * len(found)
         notes.append(
             "tissues found automatically: air outside the body, fat and muscle histogram modes"
+            if not measured
+            else f"found automatically: {', '.join(auto)}"
         )
     else:
         found, labels = _labelled_tissues(ct, tissue_map, tissue_labels or {}, erode)
+    notes.extend(extra_notes)
     _check_plausible(found)
     names = list(found)
     hu = [found[t][0] for t in names]

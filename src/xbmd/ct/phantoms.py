@@ -18,7 +18,7 @@ from xbmd.volume import Volume
 #: Label ids of the test CT (the virtual cohort keeps the same ids).
 LABELS = {"pelvis_right": 1, "pelvis_left": 2, "femur_right": 3, "femur_left": 4}
 #: Rod label id -> hydroxyapatite density, mg/cm3 (B-MAS200-like).
-ROD_DENSITIES_MG_CM3 = {101: 0.0, 102: 50.0, 103: 100.0, 104: 150.0, 105: 200.0}
+ROD_DENSITIES_MG_CM3 = {201: 0.0, 202: 50.0, 203: 100.0, 204: 150.0, 205: 200.0}
 
 
 @dataclass
@@ -93,7 +93,7 @@ def hip_test_ct(
         mineral[rod] = dens
 
     bone = mineral > 0
-    hu[bone] = np.where(labels[bone] >= 101, 0.0, marrow_hu)  # rods: water-equivalent resin
+    hu[bone] = np.where(labels[bone] >= 201, 0.0, marrow_hu)  # rods: water-equivalent resin
     hu = hu + hu_per_mg_cm3 * mineral
     hu[hu > -1000] += water_hu
     if psf_sigma_mm > 0:

@@ -9,13 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from xbmd import units
-from xbmd.ct.calibration import (
-    Calibration,
-    load_phantom,
-    phantom_calibration,
-    phantomless_calibration,
-)
+from xbmd.ct.calibration import Calibration, load_phantom, phantom_calibration
 from xbmd.ct.femur import measure_femur
 from xbmd.ct.landmarks import FemurLandmarks
 from xbmd.dataset.hip import HipBodies, hip_bodies
@@ -27,23 +24,57 @@ from xbmd.volume import Volume
 _CHUNK = 1 << 20
 
 
-def calibrate_case(case: ManifestCase, ct: Volume, labels: Volume) -> Calibration:
+def calibrate_case(
+    case: ManifestCase, ct: Volume, labels: Volume, qc_dir: Path | None = None
+) -> Calibration:
     """The HU -> mg/cm3 calibration the manifest asks for (as ``xbmd calibrate`` makes it).
 
-    ``phantom``: rods labelled in ``labels``, densities from the phantom JSON or bundled name;
-    ``line``: the manifest's slope and intercept; ``phantomless``: air, fat and muscle found
-    automatically, at the manifest's kVp (else the CT's, else 120 kVp).
+    ``phantom``: densities from the phantom JSON or bundled name; rods from the case's
+    ``phantom_labels`` map, else from ``labels`` when its rod ids are there, else found
+    automatically (``xbmd.ct.rods``; a QC picture goes to ``qc_dir``); ``line``: the manifest's
+    slope and intercept; ``phantomless``: air, fat and muscle, labelled muscle and fat preferred
+    (``xbmd.ct.contrast``; a contrast-enhanced CT without muscle labels is refused), at the
+    manifest's kVp (else the CT's, else 120 kVp).
     """
+    from xbmd.io.ct import read_labels
+
     if case.calibration == "line":
         slope, intercept = case.calibration_line
         return Calibration.given(
             slope, intercept, note=f"line given in the manifest for {case.case_id}"
         )
     if case.calibration == "phantom":
-        return phantom_calibration(ct, labels, load_phantom(case.phantom))
+        phantom = load_phantom(case.phantom)
+        if case.phantom_labels is not None:
+            return phantom_calibration(ct, read_labels(case.phantom_labels, reference=ct), phantom)
+        if np.isin(labels.data, [rod.label for rod in phantom.rods]).any():
+            return phantom_calibration(ct, labels, phantom)
+        return _automatic_rods(case, ct, phantom, qc_dir)
     if case.calibration == "phantomless":
-        return phantomless_calibration(ct, kvp=case.kvp)
+        from xbmd.ct.contrast import phantomless_with_labels
+
+        return phantomless_with_labels(ct, labels, kvp=case.kvp)[0]
     raise InputError(f"case {case.case_id}: unknown calibration {case.calibration!r}")
+
+
+def _automatic_rods(case: ManifestCase, ct: Volume, phantom, qc_dir: Path | None) -> Calibration:
+    """Phantom calibration with the rods found in the CT (no rod labels in the case)."""
+    from dataclasses import replace
+
+    from xbmd.ct.rods import find_rods, write_rods_qc_png
+    from xbmd.stages import safe_name
+
+    if phantom.layout is None:
+        raise InputError(
+            f"case {case.case_id}: no rod labels (phantom_labels column, or rod ids "
+            f"{[rod.label for rod in phantom.rods]} in its labels), and phantom "
+            f"{phantom.name!r} has no layout for finding them automatically"
+        )
+    found = find_rods(ct, phantom)
+    cal = phantom_calibration(ct, found.labels, phantom)
+    if qc_dir is not None:
+        write_rods_qc_png(found, ct, qc_dir / f"{safe_name(case.case_id)}_rods.png", cal)
+    return replace(cal, notes=(*cal.notes, *found.notes))
 
 
 def side_labels(
@@ -68,12 +99,15 @@ class CaseData:
     labels: Volume
     calibration: Calibration
     landmarks: dict[str, FemurLandmarks]
+    landmark_errors: dict[str, str] = field(default_factory=dict)  # side -> why none
     _labels: dict = field(default_factory=dict)
     _bodies: dict = field(default_factory=dict)
     _scene: object = None
 
     def femur_landmarks(self, side: str) -> FemurLandmarks:
         if side not in self.landmarks:
+            if side in self.landmark_errors:
+                raise InputError(self.landmark_errors[side])
             raise InputError(f"{self.case.landmarks}: no {side} femur landmarks")
         return self.landmarks[side]
 
@@ -127,6 +161,7 @@ def case_fingerprint(case: ManifestCase) -> str:
         "landmarks": case.landmarks,
         "known_poses": case.known_poses,
         "phantom": Path(case.phantom) if case.phantom and case.phantom.endswith(".json") else None,
+        "phantom_labels": case.phantom_labels,
     }
     doc = {
         "patient_id": case.patient_id,
@@ -143,22 +178,56 @@ def case_fingerprint(case: ManifestCase) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def load_case(case: ManifestCase, stage) -> CaseData:
+def load_case(case: ManifestCase, stage, out: Path, fingerprint: str, log) -> CaseData:
     """Landmarks, CT, label map, calibration and the density volume (mg/cm3) of a case.
 
-    ``stage(name, path)`` is a context manager that names the failing stage (``prepare``'s).
+    ``stage(name, path)`` is a context manager that names the failing stage (``prepare``'s);
+    ``out`` the dataset folder. Without a landmarks file in the manifest, the landmarks are found
+    from the femur labels (``xbmd.ct.auto_landmarks``), saved in ``out/landmarks/`` with the
+    case's ``fingerprint`` (reused while it holds), a QC picture per femur in ``out/qc/``.
     """
     from xbmd.ct.landmarks import read_landmarks
     from xbmd.drr import volume_values
     from xbmd.io.ct import read_ct, read_labels
 
-    with stage("landmarks", case.landmarks):
-        landmarks = read_landmarks(case.landmarks)
+    landmarks: dict[str, FemurLandmarks] = {}
+    if case.landmarks is not None:
+        with stage("landmarks", case.landmarks):
+            landmarks = read_landmarks(case.landmarks)
     with stage("ct", case.ct):
         ct = read_ct(case.ct)
     with stage("labels", case.labels):
         labels = read_labels(case.labels, reference=ct)
+    errors: dict[str, str] = {}
+    if case.landmarks is None:
+        with stage("landmarks", case.labels):
+            landmarks, errors = automatic_landmarks(case, labels, out, fingerprint, log)
     with stage("calibration", case.ct):
-        calibration = calibrate_case(case, ct, labels)
+        calibration = calibrate_case(case, ct, labels, out / "qc")
         density = ct.with_data(volume_values(ct, "density", calibration), unit=units.MG_CM3)
-    return CaseData(case, ct, density, labels, calibration, landmarks)
+    return CaseData(case, ct, density, labels, calibration, landmarks, errors)
+
+
+def automatic_landmarks(
+    case: ManifestCase, labels: Volume, out: Path, fingerprint: str, log
+) -> tuple[dict[str, FemurLandmarks], dict[str, str]]:
+    """Femur landmarks from the labels, or those saved from the same inputs (out/landmarks/)."""
+    from xbmd.ct.auto_landmarks import case_landmarks
+    from xbmd.ct.landmarks import read_landmarks, write_landmarks
+    from xbmd.stages import safe_name, write_atomic
+
+    name = safe_name(case.case_id)
+    saved, made_from = out / "landmarks" / f"{name}.json", out / "landmarks" / f"{name}.inputs"
+    if saved.exists() and made_from.exists() and made_from.read_text().strip() == fingerprint:
+        log(f"landmarks reused from {saved.relative_to(out).as_posix()}")
+        return read_landmarks(saved), {}
+    found, errors = case_landmarks(labels, case.label_map, out / "qc", f"{name}_")
+    if not found:
+        raise InputError("; ".join(errors.values()) or "no femur in the label map")
+    write_atomic(saved, lambda tmp: write_landmarks(found, tmp))
+    write_atomic(made_from, lambda tmp: tmp.write_text(fingerprint + "\n"))
+    log(
+        f"landmarks found automatically for {', '.join(sorted(found))} femur (QC pictures in qc/)"
+        + "".join(f"; {e}" for e in errors.values())
+    )
+    return found, errors

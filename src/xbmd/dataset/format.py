@@ -38,7 +38,10 @@ DATASET_FORMAT_VERSION = 2
 SAMPLE_FORMAT = "xbmd-training-sample"
 SAMPLE_FORMAT_VERSION = 2
 #: What a dataset folder may hold besides prepare.json (inputs made beforehand are welcome).
-DATASET_ENTRIES = ("samples", "registrations", "radiographs", "logs", "index.csv", "failures.csv")
+DATASET_ENTRIES = (
+    "samples", "registrations", "radiographs", "landmarks", "qc", "logs", "index.csv",
+    "failures.csv",
+)  # fmt: skip
 #: The labels of a sample, in its sidecar's ``labels`` and in the index.
 LABEL_COLUMNS = (
     "qct_vbmd_mg_cm3",

@@ -10,12 +10,16 @@ Columns (``*`` = required):
     ct*             CT volume in HU (NIfTI, NRRD, MHA, or a DICOM series folder)
     labels*         label map on the CT grid
     label_map*      name=id pairs of the bones: ``pelvis_right=1;pelvis_left=2;femur_right=3;...``
+                    (``sacrum=N`` optional), or the preset ``totalsegmentator``
     calibration*    ``phantom`` (rods in ``labels``, densities in ``phantom``), ``phantomless``,
                     or ``line:SLOPE,INTERCEPT`` (mg/cm3 per HU, mg/cm3)
     phantom         phantom JSON (as ``xbmd calibrate --phantom``) or a bundled name
+    phantom_labels  label map of the phantom's rods (else: rods in ``labels``, else found
+                    automatically for a phantom with a layout, e.g. bmas200)
     kvp             CT tube voltage, for phantom-less calibration
     xrays*          X-ray files (DICOM, PNG, ...)
-    landmarks       femur landmarks JSON (xbmd.ct.landmarks), for the BMD regions
+    landmarks       femur landmarks JSON (xbmd.ct.landmarks), for the BMD regions; without it
+                    they are found automatically from the femur labels (xbmd.ct.auto_landmarks)
     known_poses     JSON with every bone's true pose per X-ray (the virtual cohort's truth.json)
     age_years, sex  patient age and sex (F/M), optional
     dxa_total_hip_left_g_cm2, dxa_total_hip_right_g_cm2, dxa_neck_left_g_cm2,
@@ -42,6 +46,7 @@ COLUMNS = (
     "label_map",
     "calibration",
     "phantom",
+    "phantom_labels",
     "kvp",
     "xrays",
     "landmarks",
@@ -54,7 +59,9 @@ COLUMNS = (
     "dxa_neck_right_g_cm2",
 )
 REQUIRED = ("case_id", "patient_id", "ct", "labels", "label_map", "calibration", "xrays")
-BONES = ("pelvis_right", "pelvis_left", "femur_right", "femur_left")
+BONES = ("pelvis_right", "pelvis_left", "femur_right", "femur_left", "sacrum")
+#: Named label maps: ``label_map`` may be one of these names instead of name=id pairs.
+LABEL_MAP_PRESETS = ("totalsegmentator",)
 DXA_COLUMNS = COLUMNS[-4:]
 #: Optional column added later: written only when some case has an implant.
 IMPLANTS_COLUMN = "implants"
@@ -74,6 +81,7 @@ class ManifestCase:
     xrays: list[Path]
     calibration_line: tuple[float, float] | None = None  # (slope mg/cm3/HU, intercept mg/cm3)
     phantom: str | None = None
+    phantom_labels: Path | None = None
     kvp: float | None = None
     landmarks: Path | None = None
     known_poses: Path | None = None
@@ -109,6 +117,7 @@ class ManifestCase:
             "phantom": rel(Path(self.phantom))
             if _is_file_spec(self.phantom)
             else self.phantom or "",
+            "phantom_labels": rel(self.phantom_labels),
             "kvp": _num(self.kvp),
             "xrays": ";".join(rel(x) for x in self.xrays),
             "landmarks": rel(self.landmarks),
@@ -228,6 +237,7 @@ def _parse_row(row: dict, root: Path, where: str) -> ManifestCase:
         calibration_line=line,
         xrays=[path_of(x.strip()) for x in get("xrays").split(";") if x.strip()],
         phantom=phantom,
+        phantom_labels=opt_path("phantom_labels"),
         kvp=_opt_float(get("kvp"), "kvp", where, (40.0, 160.0)),
         landmarks=opt_path("landmarks"),
         known_poses=opt_path("known_poses"),
@@ -260,6 +270,12 @@ def _parse_calibration(value: str, where: str) -> tuple[str, tuple[float, float]
 
 
 def parse_label_map(value: str, where: str = "label_map") -> dict[str, int]:
+    """``pelvis_right=1;...`` (bones from ``BONES``; ``sacrum`` joins the pelvis) or a preset
+    name (``totalsegmentator``: TotalSegmentator v2 ids, femur 75/76, hip 77/78, sacrum 25)."""
+    if value.strip().lower() in LABEL_MAP_PRESETS:
+        from xbmd.io.totalseg import TOTALSEGMENTATOR_LABEL_MAP
+
+        return dict(TOTALSEGMENTATOR_LABEL_MAP)
     out: dict[str, int] = {}
     for item in filter(None, (s.strip() for s in value.split(";"))):
         name, _, ident = item.partition("=")
@@ -267,7 +283,8 @@ def parse_label_map(value: str, where: str = "label_map") -> dict[str, int]:
         if name not in BONES or not ident.strip().isdigit():
             raise InputError(
                 f"{where}: label_map entries look like femur_left=4 with bones from "
-                f"{', '.join(BONES)}; cannot read {item!r}"
+                f"{', '.join(BONES)} (or a preset: {', '.join(LABEL_MAP_PRESETS)}); "
+                f"cannot read {item!r}"
             )
         out[name] = int(ident)
     if len(set(out.values())) != len(out):

@@ -211,7 +211,7 @@ def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: C
     if not todo:
         return
     try:
-        data = _load_case(case, options, log)
+        data = _load_case(case, options, log, case_fp)
     except _Failed as failure:
         report.fail("", "", failure, len(todo), log)
         return
@@ -223,20 +223,14 @@ def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: C
             _prepare_xray(data, xray_path, key, sides, prints, options, report, log)
 
 
-def _load_case(case: ManifestCase, options: _Options, log: CaseLog) -> CaseData:
-    if case.landmarks is None:
-        raise _Failed(
-            "landmarks",
-            f"case {case.case_id}: the manifest gives no landmarks file; prepare needs femur "
-            "landmarks for the BMD labels and the hip crops",
-        )
+def _load_case(case: ManifestCase, options: _Options, log: CaseLog, fingerprint: str) -> CaseData:
     if options.use_known_poses and case.known_poses is None:
         raise _Failed(
             "poses",
             f"case {case.case_id}: known poses were asked for, but its known_poses column is empty",
         )
     t0 = time.perf_counter()
-    data = load_case(case, _stage)
+    data = load_case(case, _stage, options.out, fingerprint, log)
     cal = data.calibration
     log(
         f"CT {data.ct.shape} voxels of {rounded(data.ct.spacing_mm, 3)} mm read and calibrated in "

@@ -129,7 +129,15 @@ def read_labels(path: str | Path, reference: Volume | None = None) -> Volume:
     -------
     >>> ct = read_ct("case01/ct.nii.gz")  # doctest: +SKIP
     >>> bones = read_labels("case01/bones.nii.gz", reference=ct)  # doctest: +SKIP
+
+    A folder of per-structure masks (TotalSegmentator's default output) or a DICOM SEG is read
+    by ``xbmd.io.totalseg.read_segmentation`` (TotalSegmentator's ids; a SEG is resampled onto
+    ``reference``).
     """
+    from xbmd.io import totalseg  # here: it reads its masks with this function
+
+    if totalseg.is_segmentation_source(path):
+        return totalseg.read_segmentation(path, reference=reference)
     image, meta = _read_image(path, modality=None)
     meta.pop("xbmd_unit", None)
     labels = volume_from_sitk(image, LABEL, source=str(path))

@@ -6,7 +6,7 @@ banner burned in above the image: "RESEARCH USE ONLY - NOT FOR DIAGNOSIS". matpl
 here: it costs about 0.2 s per figure, against a service target of 0.2 s per radiograph for
 everything (docs/pacs.md).
 
-8-bit happens only in this module (and ``xbmd.estimate``'s figures), for looking at.
+8-bit happens only in this module (and ``xbmd.estimation.figures``), for looking at.
 """
 
 from __future__ import annotations

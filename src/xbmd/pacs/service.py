@@ -6,9 +6,9 @@ interval, and a job in progress is finished or, if killed, redone at the next st
 - the poller reads Orthanc's change feed and queues every new instance (``jobs.JobQueue``);
 - ``workers`` workers take jobs: the instance's tags are checked against the filters (SOP Class,
   Modality, Body Part, View Position; others are 'skipped' with the reason), the file is fetched,
-  estimated (``xbmd.estimate.Estimator``), its SR and SC made (``xbmd.pacs.outputs``), the
-  worklist's images written, and the SC then the SR stored into Orthanc, each only if Orthanc does
-  not have its (deterministic) UID yet;
+  estimated (``xbmd.estimation.estimator.Estimator``), its SR and SC made
+  (``xbmd.pacs.outputs``), the worklist's images written, and the SC then the SR stored into
+  Orthanc, each only if Orthanc does not have its (deterministic) UID yet;
 - the worklist (``xbmd.pacs.web``) is served by uvicorn in the main thread.
 
 Errors: Orthanc unavailable -> the job waits (retried with a growing delay up to

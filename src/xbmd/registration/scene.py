@@ -16,7 +16,7 @@ from xbmd.volume import Volume
 
 #: Body name -> the label-map bones it is made of (docs/data-format.md, manifest label_map).
 BODY_BONES = {
-    "pelvis": ("pelvis_right", "pelvis_left"),
+    "pelvis": ("pelvis_right", "pelvis_left", "sacrum"),  # sacrum: when labelled on its own
     "femur_right": ("femur_right",),
     "femur_left": ("femur_left",),
 }

@@ -42,8 +42,10 @@ from xbmd.ct.landmarks import write_landmarks
 from xbmd.dataset.manifest import ManifestCase, read_manifest, write_manifest
 from xbmd.errors import GeometryError, InputError
 from xbmd.io.ct import write_volume
+from xbmd.io.totalseg import TISSUE_TYPE_IDS
 from xbmd.stages import claim_folder, run_cases, write_atomic, write_csv, write_json
 from xbmd.synth import anatomy as anatomy_mod
+from xbmd.synth import contrast as contrast_mod
 from xbmd.synth.device import check_families
 from xbmd.synth.implants import IMPLANT_LABEL, draw_implant, insert_implant
 from xbmd.synth.model import BONE_LABELS, DRAW_SIDES, Anatomy, Patient
@@ -94,7 +96,12 @@ class SynthSettings:
     processing : 'fixed' (each family's own processing), 'random' (a randomised processing
         graph on every device, ``xbmd.synth.processing_graph``) or 'mixed' (on half of them).
 
-    The last four were added later; at their defaults a cohort is byte-identical to one made
+    contrast_fraction : share of cases whose CT is contrast-enhanced (``xbmd.synth.contrast``;
+        own random draws, so 0 leaves every case as it was).
+    tissue_labels : also write ``tissues.nii.gz``: skeletal muscle 253, fat 252 and the
+        contrast-filled vessels (TotalSegmentator's vessel ids), as a segmenter would give them.
+
+    The last six were added later; at their defaults a cohort is byte-identical to one made
     before they existed, and they are left out of cohort.json's settings and identity.
     """
 
@@ -107,6 +114,8 @@ class SynthSettings:
     implant_fraction: float = 0.0
     device_families: tuple[str, ...] | None = None
     processing: str = "fixed"
+    contrast_fraction: float = 0.0
+    tissue_labels: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.sessions, int) and 0 <= self.sessions <= 20):
@@ -133,7 +142,10 @@ class SynthSettings:
 
 
 #: Settings added after the first cohorts (recorded only when not at their default).
-LATER_SETTINGS = ("sessions", "implant_fraction", "device_families", "processing")
+LATER_SETTINGS = (
+    "sessions", "implant_fraction", "device_families", "processing", "contrast_fraction",
+    "tissue_labels",
+)  # fmt: skip
 
 
 @dataclass
@@ -218,10 +230,17 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
     if settings.implant_fraction > 0:  # after the scaling: the patient's bone as it was
         plan = draw_implant(patient.seed, settings.implant_fraction)
         implant = insert_implant(anatomy, plan) if plan else None
-    result = scan(anatomy, scanner, rng, phantom=has_phantom)
+    contrast = None
+    if settings.contrast_fraction > 0:
+        crng = contrast_mod.rng_for(patient.seed)
+        if crng.random() < settings.contrast_fraction:
+            contrast = contrast_mod.sample_contrast(crng)
+    result = scan(anatomy, scanner, rng, phantom=has_phantom, contrast=contrast)
     case_dir.mkdir(parents=True, exist_ok=True)
     write_volume(result.ct, case_dir / "ct.nii.gz")
     write_volume(result.labels, case_dir / "labels.nii.gz")
+    if settings.tissue_labels:
+        write_volume(_tissue_labels(anatomy, result), case_dir / "tissues.nii.gz")
     write_landmarks(anatomy.landmarks, case_dir / "landmarks.json")
     if has_phantom:
         _write_phantom(case_dir / "phantom.json")
@@ -243,6 +262,11 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
             )
     t_ct = time.perf_counter() - t0
     xrays, sessions = write_radiographs(anatomy, patient, settings, rng, case_dir)
+    extra_ct = {}
+    if settings.contrast_fraction > 0:
+        extra_ct["contrast"] = None if contrast is None else contrast.to_dict()
+    if settings.tissue_labels:
+        extra_ct["tissues"] = "tissues.nii.gz"
     truth = {
         "format": "xbmd-virtual-case",
         "format_version": 1,
@@ -276,6 +300,7 @@ def generate_case(patient: Patient, settings: SynthSettings, case_dir: Path) -> 
                 "slope_mg_cm3_per_hu": true_line.slope_mg_cm3_per_hu,
                 "intercept_mg_cm3": true_line.intercept_mg_cm3,
             },
+            **extra_ct,
         },
         "anatomy": anatomy.meta,
         "landmarks": "landmarks.json",
@@ -303,6 +328,23 @@ def _side_truth(density, labels, anatomy: Anatomy, side: str, implant: dict | No
             ("ct_abmd_g_cm2", "neck_abmd_g_cm2", "qct_vbmd_mg_cm3", "total_hip_area_cm2",
              "neck_area_cm2", "pf_volume_cm3")
         )  # fmt: skip
+
+
+def _tissue_labels(anatomy: Anatomy, result) -> Volume:
+    """Skeletal muscle (253), fat (252) and drawn vessels on the CT grid, as segmented."""
+    body = anatomy.meta["body"]
+    soft, free = anatomy.soft_tissue_hu, anatomy.mineral_mg_cm3 == 0
+    data = np.zeros(result.ct.shape, np.uint8)
+    n = soft.shape[1]  # the CT's grid is the anatomy's, padded posteriorly
+    data[:, :n][free & np.isclose(soft, body["fat_hu"], atol=1e-3)] = TISSUE_TYPE_IDS["torso_fat"]
+    data[:, :n][free & np.isclose(soft, body["muscle_hu"], atol=1e-3)] = TISSUE_TYPE_IDS[
+        "skeletal_muscle"
+    ]
+    if result.vessels is not None:
+        data[result.vessels > 0] = result.vessels[result.vessels > 0]
+    out = result.ct.with_data(data, unit="label")
+    out.source = "synthetic tissue labels"
+    return out
 
 
 def _write_phantom(path: Path) -> None:

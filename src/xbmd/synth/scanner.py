@@ -108,6 +108,7 @@ class ScanResult:
     labels: Volume
     scanner: Scanner
     has_phantom: bool
+    vessels: np.ndarray | None = None  # contrast-filled vessels drawn (synth.contrast ids)
 
 
 def _pad_posterior(anatomy: Anatomy, pad_mm: float) -> tuple[np.ndarray, ...]:
@@ -160,20 +161,32 @@ def _place_phantom_and_table(
 
 
 def scan(
-    anatomy: Anatomy, scanner: Scanner, rng: np.random.Generator, *, phantom: bool = True
+    anatomy: Anatomy,
+    scanner: Scanner,
+    rng: np.random.Generator,
+    *,
+    phantom: bool = True,
+    contrast=None,
 ) -> ScanResult:
     """Simulate the QCT scan of ``anatomy`` on ``scanner``.
 
     Returns the CT (HU, rounded to integers as scanners store them, clipped to -1024..3071, so
     an implant's metal reads 3071) and the label map (bones as in the anatomy, an implant's
     metal as in the anatomy, rods 101-105 when ``phantom``), on the anatomy's grid extended
-    posteriorly.
+    posteriorly. ``contrast`` (a ``xbmd.synth.contrast.ContrastPhase``) adds contrast-filled
+    vessels and enhancement; it draws nothing from ``rng``.
     """
     soft, mineral, labels = _pad_posterior(anatomy, PHANTOM_THICKNESS_MM + TABLE_THICKNESS_MM + 6.0)
     _place_phantom_and_table(
         soft, mineral, labels, anatomy.affine, phantom, float(anatomy.pelvis_center_mm[0])
     )
-    hu = scanner.water_hu + soft_tissue_at_kvp(soft, scanner.kvp)
+    soft_kvp = soft_tissue_at_kvp(soft, scanner.kvp)
+    vessels = None
+    if contrast is not None:
+        from xbmd.synth.contrast import enhance
+
+        vessels = enhance(soft_kvp, mineral, labels, anatomy, anatomy.affine, contrast)
+    hu = scanner.water_hu + soft_kvp
     hu += np.float32(scanner.hu_per_mg_cm3) * mineral
     if anatomy.metal is not None:  # an implant (xbmd.synth.metal): metal HU, then its streaks
         anatomy.metal.add_to_ct(hu, scanner.kvp)
@@ -193,7 +206,7 @@ def scan(
     )
     labels_vol = ct.with_data(labels.astype(np.uint8), unit="label")
     labels_vol.source = "synthetic labels"
-    return ScanResult(ct, labels_vol, scanner, phantom)
+    return ScanResult(ct, labels_vol, scanner, phantom, vessels)
 
 
 def _correlated_noise(shape: tuple[int, ...], sd: float, rng: np.random.Generator) -> np.ndarray:
