@@ -13,6 +13,10 @@ The one owner of the dataset's files (docs/data-format.md, "Training dataset"):
       registrations/, logs/, failures.csv
 
 A dataset is self-contained: training (stages and the localiser) and evaluation read only it.
+Hips with an implant (the manifest's ``implants``) have samples, marked in the index's
+``implant`` column: their CT labels mean nothing, so BMD training leaves them out, but the
+quality gate is tested on them. A session is a DICOM study (``study_uid``): radiographs of one
+visit share one.
 Format 2 added ``radiographs/`` and the index's ``radiograph`` column; format 1 datasets must be
 prepared again.
 
@@ -69,6 +73,10 @@ INDEX_COLUMNS = (
     "head_row",
     "head_col",
     "pf_valid_fraction",
+    "study_uid",
+    "kvp",
+    "manufacturer",
+    "implant",
 )
 REQUIRED_COLUMNS = ("sample_id", "patient_id", "case_id", "side", "file", *LABEL_COLUMNS)
 FAILURE_COLUMNS = ("case_id", "xray", "side", "stage", "error")
@@ -210,7 +218,16 @@ def index_row(doc: dict) -> dict:
         "head_row": round(head[0], 3),
         "head_col": round(head[1], 3),
         "pf_valid_fraction": doc["pf_valid_fraction"],
+        "study_uid": doc.get("acquisition", {}).get("study_uid"),
+        "kvp": doc.get("acquisition", {}).get("kvp"),
+        "manufacturer": doc.get("acquisition", {}).get("manufacturer"),
+        "implant": doc.get("implant"),
     }
+
+
+def has_implant(row: dict) -> bool:
+    """Whether an index row's hip holds an implant (its CT labels then mean nothing)."""
+    return bool((row.get("implant") or "").strip())
 
 
 def index_rows(dataset: Path) -> list[dict]:

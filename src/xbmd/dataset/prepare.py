@@ -423,6 +423,14 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options) -> dict:
             "warnings": poses.warnings,
         },
         "patient": {"age_years": case.age_years, "sex": case.sex},
+        "implant": case.implants.get(side),
+        "acquisition": {
+            "study_uid": xray.meta.get("study_instance_uid"),
+            "kvp": xray.meta.get("kvp"),
+            "manufacturer": xray.meta.get("manufacturer"),
+            "manufacturer_model": xray.meta.get("manufacturer_model"),
+            "spacing_source": xray.spacing_source,
+        },
         "calibration": {
             "method": data.calibration.method,
             "slope_mg_cm3_per_hu": data.calibration.slope_mg_cm3_per_hu,

@@ -34,6 +34,10 @@ CSV_COLUMNS = (
 )
 
 
+#: Carried by every result file and figure: nothing here is validated on patients.
+RESEARCH_USE = "research use only, not for diagnosis"
+
+
 @dataclass
 class HipResult:
     """The estimate of one hip of one radiograph.
@@ -71,6 +75,20 @@ class HipResult:
     files: dict[str, str] = field(default_factory=dict)
     #: The source's DICOM identifiers (``xbmd.io.xray.DICOM_ID_KEYS``; None when not DICOM).
     dicom_ids: dict[str, str | None] = field(default_factory=dict)
+    #: 95 % prediction interval of ``bmd_g_cm2`` (g/cm2) and of the T-score; None when the
+    #: model carries no calibrated interval (``xbmd calibrate-model``) or no estimate was made.
+    bmd_interval_g_cm2: tuple[float, float] | None = None
+    t_score_interval: tuple[float, float] | None = None
+    #: What a clinician reads: the WHO category with what its interval spans, or the Z-score
+    #: statement (age < 50), or why neither is given.
+    category_statement: str | None = None
+    #: Out-of-distribution score (how unlike the calibration images this image is, in the
+    #: model's feature space; None without a calibrated model) and the threshold above which the
+    #: image is refused as unfamiliar.
+    ood_score: float | None = None
+    ood_threshold: float | None = None
+    #: The reasons this estimate is not confident (a subset of ``warnings``; empty: confident).
+    gate: list[str] = field(default_factory=list)
 
     @property
     def virtual_xray_pixel_mm(self) -> float:
@@ -82,6 +100,7 @@ class HipResult:
 
     def to_dict(self) -> dict:
         out = {
+            "research_use_only": RESEARCH_USE,
             "image": self.image,
             **{key: self.dicom_ids.get(key) for key in DICOM_ID_KEYS},
             "side": self.side,
@@ -92,11 +111,17 @@ class HipResult:
             out["qct_vbmd_mg_cm3"] = _num(self.targets["qct_vbmd_mg_cm3"])
         out.update(
             {
+                "bmd_interval_g_cm2": _pair(self.bmd_interval_g_cm2),
                 "t_score": _num(self.t_score, 3),
+                "t_score_interval": _pair(self.t_score_interval, 3),
                 "who_category": self.who_category,
                 "z_score": _num(self.z_score, 3),
+                "category_statement": self.category_statement,
                 "reference": self.reference,
                 "confident": self.confident,
+                "gate": list(self.gate),
+                "ood_score": _num(self.ood_score),
+                "ood_threshold": _num(self.ood_threshold),
                 "unilateral_crop": self.unilateral_crop,
                 "warnings": list(self.warnings),
                 "targets": {k: _num(v) for k, v in self.targets.items()},
@@ -119,6 +144,10 @@ class HipResult:
         )
         out.update(self.files)
         return out
+
+
+def _pair(pair: tuple[float, float] | None, digits: int = 4) -> list[float | None] | None:
+    return None if pair is None else [_num(pair[0], digits), _num(pair[1], digits)]
 
 
 def _num(value: float | None, digits: int = 4) -> float | None:

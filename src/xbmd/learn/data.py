@@ -21,7 +21,13 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from xbmd.dataset.format import LABEL_COLUMNS, label_values, load_sample, read_index
+from xbmd.dataset.format import (
+    LABEL_COLUMNS,
+    has_implant,
+    label_values,
+    load_sample,
+    read_index,
+)
 from xbmd.display import jpeg_round_trip
 from xbmd.errors import InputError
 from xbmd.model.inputs import CLIP, downsample_map, model_input
@@ -69,9 +75,12 @@ class TrainingData:
 
 
 def load_training_data(dataset: str | Path, size: int, progress: bool = True) -> TrainingData:
-    """Every sample of a prepared dataset at model resolution ``size``."""
+    """Every sample of a prepared dataset at model resolution ``size`` (hips with an implant left
+    out)."""
     dataset = Path(dataset)
-    rows = read_index(dataset)
+    rows = [r for r in read_index(dataset) if not has_implant(r)]  # their labels mean nothing
+    if not rows:
+        raise InputError(f"{dataset}: every sample is of a hip with an implant: nothing to learn")
     n = len(rows)
     inputs = np.zeros((n, 2, size, size), np.float32)
     bone = np.zeros((n, size, size), np.float32)
