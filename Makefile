@@ -32,7 +32,7 @@ system-packages:
 
 # The bundled model on the sample X-rays (samples/samples.json); the PNG carries no pixel spacing.
 demo: $(STAMP)
-	$(BIN)/xbmd estimate samples/hip_vq0002.dcm samples/hip_vq0011.png --pixel-spacing 0.6 \
+	$(BIN)/xbmd estimate samples/hip_vq0002.dcm samples/hip_vq0011.png --pixel-spacing 0.6 --age 66 --sex F \
 		--out demo_out
 
 test: $(STAMP) system-packages

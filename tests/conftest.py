@@ -37,3 +37,8 @@ def tiny_dataset(tiny_cohort, tmp_path_factory):
     )
     assert summary["samples_failed"] == 0
     return out
+
+
+# The estimate tests' shared fixtures (tests/estimate_helpers.py): a synthetic pelvis and
+# radiograph files, an untrained bundle, an estimator with it.
+from estimate_helpers import bundle_path, estimator, images  # noqa: E402, F401

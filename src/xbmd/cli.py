@@ -11,6 +11,7 @@ from __future__ import annotations
 import typer
 
 from xbmd.commands import calibrate as _calibrate
+from xbmd.commands import calibrate_model as _calibrate_model
 from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
 from xbmd.commands import estimate as _estimate
@@ -42,6 +43,7 @@ app.command("prepare", help=_prepare.HELP)(_prepare.main)
 app.command("estimate", help=_estimate.HELP)(_estimate.main)
 app.command("train", help=_train.HELP)(_train.main)
 app.command("evaluate", help=_evaluate.HELP)(_evaluate.main)
+app.command("calibrate-model", help=_calibrate_model.HELP)(_calibrate_model.main)
 app.command("serve", help=_serve.HELP)(_serve.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 

@@ -31,6 +31,11 @@ HELP = (
 )
 
 
+class Sex(str, Enum):
+    F = "F"
+    M = "M"
+
+
 class Side(str, Enum):
     right = "right"
     left = "left"
@@ -55,13 +60,23 @@ def main(
     pixel_spacing: float | None = typer.Option(
         None,
         "--pixel-spacing",
-        help="Detector pixel spacing, mm (needed for images without one: PNG, JPEG, some TIFF).",
+        help="Detector pixel spacing, mm, for images that record none (PNG, JPEG, some TIFF); "
+        "files with their own keep it (a warning says when it differs).",
     ),
     reference: Reference = typer.Option(
         _DEFAULT_REFERENCE,
         "--reference",
         help="T-score reference (default: ISCD, white women for everybody).",
     ),
+    age: float | None = typer.Option(
+        None,
+        "--age",
+        min=0,
+        max=130,
+        help="Patient age, years, for files that record none (PNG, JPEG, anonymised DICOM): "
+        "WHO categories need age >= 50 and the sex, Z-scores age and sex.",
+    ),
+    sex: Sex | None = typer.Option(None, "--sex", help="Patient sex, for files that record none."),
     unilateral: Side | None = typer.Option(
         None,
         "--unilateral",
@@ -87,104 +102,60 @@ def main(
     with user_errors():
         from tqdm import tqdm
 
-        from xbmd.errors import InputError, XbmdError
+        from xbmd.errors import InputError
+        from xbmd.estimation.batch import estimate_batch
         from xbmd.estimation.estimator import Estimator
-        from xbmd.estimation.output import summary_line, write_csv, write_results
-        from xbmd.io.inputs import gather_inputs, write_skipped
+        from xbmd.estimation.output import summary_line
 
-        gathered = gather_inputs(images)
-        if gathered.skipped:
-            write_skipped(gathered.skipped, out / "skipped.csv")
-        images = gathered.images
-        if not images:
+        estimator = Estimator(model, reference=reference.value)
+
+        def bar(images):
+            return tqdm(images, unit="image", disable=not progress or len(images) < 2, file=_err())
+
+        # stdout is for the JSON with --json; tqdm.write keeps the bar intact
+        batch = estimate_batch(
+            images,
+            out,
+            estimator,
+            pixel_spacing_mm=pixel_spacing,
+            unilateral=unilateral.value if unilateral else None,
+            age_years=age,
+            sex=sex.value if sex else None,
+            figures=figures,
+            dicom_out=dicom_out,
+            progress=bar,
+            on_hip=lambda r: tqdm.write(summary_line(r), file=_err() if as_json else _out()),
+            on_failure=lambda path, error: tqdm.write(f"error: {error}", file=_err()),
+        )
+        if not batch.results and not batch.failures:
             raise InputError(
-                f"no radiographs to estimate ({len(gathered.skipped)} files skipped, "
+                f"no radiographs to estimate ({len(batch.skipped)} files skipped, "
                 f"listed in {out / 'skipped.csv'})"
             )
-        estimator = Estimator(model, reference=reference.value)
-        names = _folder_names(images)
-        results, failures = [], []
-        bar = tqdm(images, unit="image", disable=not progress or len(images) < 2, file=_stderr())
-        for path, name in zip(bar, names, strict=True):
-            try:
-                found = estimator.estimate(
-                    path, pixel_spacing, unilateral.value if unilateral else None
-                )
-                if dicom_out is not None:
-                    _write_dicom(found, path, dicom_out, name)
-                write_results(found, out, name, figures=figures)
-            except XbmdError as exc:
-                failures.append({"image": str(path), "error": str(exc)})
-                tqdm.write(f"error: {exc}", file=_stderr())
-                continue
-            for r in found:
-                # stdout is for the JSON with --json; tqdm.write keeps the bar intact
-                tqdm.write(summary_line(r), file=_stderr() if as_json else _stdout())
-                r.xray = None  # the radiograph's pixels are not needed any more
-            results.extend(found)
-        if results:
-            write_csv(results, out / "results.csv")
-        if failures:
-            _write_failures(failures, out / "failures.csv")
     if as_json:
-        typer.echo(json.dumps([r.to_dict() for r in results] + failures, indent=2))
-    n_ok = len({r.image for r in results})
-    tail = f"   failures: {out / 'failures.csv'}" if failures else ""
-    if gathered.skipped:
-        tail += f"   {len(gathered.skipped)} files skipped: {out / 'skipped.csv'}"
+        typer.echo(json.dumps(batch.results + batch.failures, indent=2))
+    tail = f"   failures: {out / 'failures.csv'}" if batch.failures else ""
+    if batch.skipped:
+        tail += f"   {len(batch.skipped)} files skipped: {out / 'skipped.csv'}"
     typer.echo(
-        f"{len(results)} hips of {n_ok} images estimated, {len(failures)} images failed; "
-        f"results: {out / 'results.csv'}{tail}",
+        f"{len(batch.results)} hips of {batch.images_done} images estimated, "
+        f"{len(batch.failures)} images failed; results: {out / 'results.csv'}{tail}",
         err=as_json,
     )
-    if failures and not results:
+    typer.echo("research use only, not for diagnosis", err=True)
+    if batch.failures and not batch.results:
         raise typer.Exit(code=1)
-    if failures:
+    if batch.failures:
         raise typer.Exit(code=2)
 
 
-def _write_dicom(found: list, path: Path, folder: Path, name: str) -> None:
-    """The SR and SC of one radiograph into ``folder``; their paths and UIDs into the results."""
-    from tqdm import tqdm
-
-    from xbmd.pacs.outputs import dicom_outputs, read_header, write_outputs
-
-    if found[0].xray.meta.get("format") != "dicom":
-        tqdm.write(f"{path}: not DICOM, no SR or SC written", file=_stderr())
-        return
-    written = write_outputs(dicom_outputs(read_header(path), found), folder, name)
-    for r in found:
-        r.files.update(written)
-
-
-def _stderr():
+def _err():
     import sys
 
     return sys.stderr
 
 
-def _stdout():
+def _out():
     import sys
 
     return sys.stdout
-
-
-def _folder_names(images: list[Path]) -> list[str]:
-    """One output folder per image: its stem, numbered when two images share one."""
-    seen: dict[str, int] = {}
-    names = []
-    for path in images:
-        stem = Path(path).stem
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return names
-
-
-def _write_failures(failures: list[dict], path: Path) -> None:
-    import csv
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, ["image", "error"])
-        writer.writeheader()
-        writer.writerows(failures)

@@ -18,26 +18,20 @@ Which image is a whole pelvis, which a crop of one hip
   puts it in its crops (``HEAD_POSITION``: 40 % of the height, the middle of the width); such a
   result is never ``confident`` since nothing saw a hip.
 
-Not a hip (a chest, a hand): no confident BMD
-----------------------------------------------
-Refused (an ``InputError``, no result):
+Refusals, the quality gate and the clinical statements
+------------------------------------------------------
+What is refused outright and what makes an estimate not confident is in
+``xbmd.estimation.gate`` (image checks, spacing, compression, the heads' layout, laterality)
+and below (:func:`implausibilities`: the region, the field, the regression's range); a
+radiograph stored turned is turned upright first (``xbmd.estimation.orientation``, or its
+orientation tag, ``xbmd.io.orientation``) and never confident, since its sides are uncertain.
+The localiser finding no femoral head, without ``unilateral``, is a refusal: "no femoral head
+found (is this a hip or pelvis X-ray?)".
 
-- the localiser finds no femoral head above its own confidence threshold (``locate_heads``
-  reports only those), without ``unilateral``: "no femoral head found (is this a hip or pelvis
-  X-ray?)";
-- no pixel spacing (BMD in g/cm2 needs the physical scale): give ``pixel_spacing_mm``.
-
-Estimated, but ``confident: false`` with a warning saying why:
-
-- the predicted proximal-femur region's area at the detector is outside ``PF_AREA_RANGE_MM2``
-  (the training samples of the virtual cohort, their ``pf_area_px``, span
-  5,200-11,800 mm2; the range allows half the smallest and 1.5 x the largest) or is empty;
-- less than ``xbmd.dataset.hip.MIN_VALID_PF_FRACTION`` of the region lies inside the
-  radiograph's field (``xbmd prepare`` refuses such training samples);
-- a regression output beyond ``TARGET_SD_LIMIT`` standard deviations of the training targets
-  (``bundle.target_stats``), or an aBMD that is not a positive number (no T-score then);
-- DICOM Body Part Examined names another region (``OTHER_BODY_PARTS``: chest, hand, ...);
-- the head was assumed, not found (above).
+With a calibrated model (``xbmd calibrate-model``) each estimate is the mean over test-time
+views, with a 95 % prediction interval and an out-of-distribution score
+(``xbmd.model.uncertainty``); an image scoring above the model's threshold is not confident.
+T-score, WHO category or Z-score follow ``xbmd.estimation.clinical``.
 """
 
 from __future__ import annotations
@@ -57,20 +51,24 @@ from xbmd.dataset.hip import (
     hip_crop,
 )
 from xbmd.errors import InputError, XbmdError
+from xbmd.estimation import gate
+from xbmd.estimation.clinical import clinical_scores
+from xbmd.estimation.orientation import describe_turns, upright_turns
 from xbmd.estimation.result import HipResult, region_area_mm2
 from xbmd.geometry import SIDES
-from xbmd.io.xray import DICOM_ID_KEYS, XRay, read_xray, xray_geometry
-from xbmd.model.localiser import locate_heads
-from xbmd.similarity import field_mask
-from xbmd.tscore import (
-    DEFAULT_REFERENCE,
-    MIN_AGE_YEARS,
-    REFERENCES,
-    reference_info,
-    t_score,
-    who_category,
-    z_score,
+from xbmd.io.orientation import patient_orientation_ops
+from xbmd.io.xray import (
+    DICOM_ID_KEYS,
+    WARN_NO_SPACING,
+    XRay,
+    parse_spacing_mm,
+    read_xray,
+    xray_geometry,
 )
+from xbmd.model.localiser import locate_heads
+from xbmd.model.uncertainty import from_state
+from xbmd.similarity import field_mask
+from xbmd.tscore import DEFAULT_REFERENCE, REFERENCES
 
 #: An image smaller than this (detector mm) in both directions is a crop of one hip.
 WHOLE_PELVIS_MIN_MM = 250.0
@@ -80,11 +78,6 @@ PF_AREA_RANGE_MM2 = (2500.0, 18000.0)
 TARGET_SD_LIMIT = 4.0
 #: The stage-3 target reported as ``bmd_g_cm2`` (DXA-like total hip aBMD).
 BMD_TARGET = "ct_abmd_g_cm2"
-#: DICOM Body Part Examined values that are certainly not a hip.
-OTHER_BODY_PARTS = frozenset(
-    {"CHEST", "HAND", "SKULL", "HEAD", "KNEE", "ANKLE", "FOOT", "ELBOW", "WRIST", "SHOULDER",
-     "CSPINE", "TSPINE", "LSPINE", "ABDOMEN", "ARM", "BREAST", "NECK", "FINGER", "TOE"}
-)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +100,8 @@ class Estimator:
     model : path of a model bundle (``xbmd train``'s ``model.pt``), a loaded
         ``xbmd.model.bundle.ModelBundle``, or None for the bundled default.
     reference : T-score reference, one of ``xbmd.tscore.REFERENCES``.
+    tta : test-time augmentation (``xbmd.model.uncertainty``); default: when the model carries
+        a calibrated interval.
 
     Examples
     --------
@@ -117,7 +112,9 @@ class Estimator:
     >>> write_results(results, "out")  # doctest: +SKIP
     """
 
-    def __init__(self, model=None, reference: str = DEFAULT_REFERENCE) -> None:
+    def __init__(
+        self, model=None, reference: str = DEFAULT_REFERENCE, tta: bool | None = None
+    ) -> None:
         from xbmd.model.bundle import ModelBundle, load_bundle
 
         if reference not in REFERENCES:
@@ -129,6 +126,9 @@ class Estimator:
                 f"not {BMD_TARGET} (the total hip aBMD that T-scores need)"
             )
         self.reference = reference
+        self.uncertainty = from_state(self.bundle.uncertainty)
+        #: Test-time augmentation: by default when the model is calibrated (its interval is).
+        self.tta = self.uncertainty is not None if tta is None else bool(tta)
         self.model_info = {
             "path": str(self.bundle.source),
             "xbmd_version": self.bundle.xbmd_version,
@@ -136,6 +136,7 @@ class Estimator:
             "image_size": self.bundle.image_size,
             "targets": list(self.bundle.targets),
             "localiser": self.bundle.localiser is not None,
+            "interval": None if self.uncertainty is None else self.bundle.uncertainty["method"],
         }
 
     # ---- in memory
@@ -145,14 +146,22 @@ class Estimator:
         path: str | Path,
         pixel_spacing_mm: float | tuple[float, float] | None = None,
         unilateral: str | None = None,
+        age_years: float | None = None,
+        sex: str | None = None,
     ) -> list[HipResult]:
         """Read a radiograph and estimate each hip on it; see :meth:`estimate_xray`.
 
+        ``pixel_spacing_mm``, ``age_years`` and ``sex`` ('F' or 'M') stand in for a file that
+        records none (PNG, JPEG, an anonymised DICOM); a file's own values are used when it has
+        them (a warning says when they differ from those given).
         Raises InputError (message starting with the file) for unusable input and refusals.
         """
         path = Path(path)
         try:
-            return self.estimate_xray(read_xray(path, pixel_spacing_mm), unilateral)
+            xray = read_xray(path)
+            _fill_spacing(xray, pixel_spacing_mm)
+            _fill_patient(xray, age_years, sex)
+            return self.estimate_xray(xray, unilateral)
         except XbmdError as exc:
             if str(exc).startswith(str(path)):
                 raise
@@ -167,34 +176,72 @@ class Estimator:
         start = time.perf_counter()
         if unilateral not in (None, *SIDES):
             raise InputError(f"unilateral must be 'right', 'left' or None, not {unilateral!r}")
-        if xray.pixel_spacing_mm is None:
-            raise InputError(
-                "no pixel spacing in the file; BMD in g/cm2 needs the physical scale: "
-                "give the detector pixel spacing with --pixel-spacing MM"
-            )
+        gate.check_image(xray)
+        image_gate = gate.image_gate(xray)
+        xray, found, turned = self._upright(xray, unilateral)
+        image_gate += turned
         geometry, geometry_warnings = xray_geometry(xray)
-        heads, unilateral_crop, head_warnings = self.find_heads(xray, unilateral)
+        heads, unilateral_crop, head_warnings = self.find_heads(xray, unilateral, found)
+        image_gate += gate.head_separation_gate(heads, xray.pixel_spacing_mm)
+        image_gate += gate.laterality_gate(xray, [h.side for h in heads], unilateral_crop)
         in_field = field_mask(xray.pixels, FIELD_MARGIN_PX)  # as HipCrop.resample
         crops = [hip_crop(geometry, (h.row, h.col), h.side) for h in heads]
         sampled = [c.resample(xray.pixels, in_field) for c in crops]
         prediction = self.bundle.predict(
-            np.stack([s[0] for s in sampled]), np.stack([s[1] for s in sampled])
+            np.stack([s[0] for s in sampled]),
+            np.stack([s[1] for s in sampled]),
+            tta=self.tta,
         )
-        not_a_hip = _body_part_warnings(xray)
-        common = list(xray.warnings) + geometry_warnings + head_warnings + not_a_hip
+        common = list(xray.warnings) + geometry_warnings + head_warnings
         results = []
         for k, (head, crop) in enumerate(zip(heads, crops, strict=True)):
-            r = self._result(xray, head, crop, sampled[k][1], prediction, k, unilateral_crop)
-            r.warnings[:0] = common
-            r.confident = r.confident and not not_a_hip
-            results.append(r)
+            results.append(
+                self._result(
+                    xray,
+                    head,
+                    crop,
+                    sampled[k][1],
+                    prediction,
+                    k,
+                    unilateral_crop,
+                    common,
+                    image_gate,
+                )
+            )
         seconds = (time.perf_counter() - start) / max(len(results), 1)
         for r in results:
             r.seconds = seconds
         return results
 
+    def _upright(self, xray: XRay, unilateral: str | None) -> tuple[XRay, list | None, list]:
+        """The radiograph upright (``xbmd.estimation.orientation``), the localiser's heads in it
+        (None: not looked for yet), and the gate's reason when it had to be turned. Skipped for
+        one-hip crops and for files whose orientation tag already put them upright."""
+        localiser = self.bundle.localiser
+        tagged = patient_orientation_ops(xray.meta.get("patient_orientation")) is not None
+        if localiser is None or unilateral is not None or tagged:
+            return xray, None, []
+        turns, found, _ = upright_turns(localiser, xray.pixels)
+        if not turns:
+            return xray, found, []
+        spacing = xray.pixel_spacing_mm
+        turned = XRay(
+            np.ascontiguousarray(np.rot90(xray.pixels, turns)),
+            spacing if turns == 2 else (spacing[1], spacing[0]),
+            xray.spacing_source,
+            xray.source,
+            {**xray.meta, "reoriented": f"turned {describe_turns(turns)} by the anatomy"},
+            list(xray.warnings),
+        )
+        reason = (
+            f"the radiograph was stored turned: turned {describe_turns(turns)} to be upright "
+            "(the femoral heads were found surely only so); whether it was turned or flipped "
+            "cannot be told, so the sides are not certain"
+        )
+        return turned, found, [reason]
+
     def find_heads(
-        self, xray: XRay, unilateral: str | None = None
+        self, xray: XRay, unilateral: str | None = None, found: list | None = None
     ) -> tuple[list[_Head], bool, list[str]]:
         """The femoral heads to crop around, whether the image is a unilateral crop, warnings.
 
@@ -205,7 +252,9 @@ class Estimator:
         height_mm, width_mm = rows * xray.pixel_spacing_mm[0], cols * xray.pixel_spacing_mm[1]
         small = max(height_mm, width_mm) < WHOLE_PELVIS_MIN_MM
         localiser = self.bundle.localiser
-        found = [] if localiser is None else list(locate_heads(localiser, xray.pixels))
+        if found is None:
+            found = [] if localiser is None else list(locate_heads(localiser, xray.pixels))
+        found = list(found)
         found.sort(key=lambda d: -d.confidence)
         heads = [_Head(d.side, float(d.row), float(d.col), float(d.confidence)) for d in found]
         size = f"{height_mm:.0f} x {width_mm:.0f} mm"
@@ -272,18 +321,41 @@ class Estimator:
         prediction,
         k: int,
         unilateral_crop: bool,
+        common: list[str],
+        image_gate: list[str],
     ) -> HipResult:
         region = np.asarray(prediction.pf_region[k], dtype=bool)
         targets = {t: float(v[k]) for t, v in prediction.targets.items()}
-        doubts = implausibilities(region, valid, targets, self.bundle.target_stats)
+        reasons = list(image_gate) + implausibilities(
+            region, valid, targets, self.bundle.target_stats
+        )
         if head.confidence is None:
-            doubts.insert(
+            reasons.insert(
                 0,
                 "the localiser found no femoral head: assumed where xbmd prepare puts it "
                 f"({HEAD_POSITION[0]:.0%} of the height, {HEAD_POSITION[1]:.0%} of the width)",
             )
+        bmd = targets[BMD_TARGET]
+        interval, ood, spread, features = None, None, None, None
+        if prediction.targets_sd is not None:
+            spread = float(prediction.targets_sd[BMD_TARGET][k])
+            features = prediction.features[k]
+        if self.uncertainty is not None:
+            interval = self.uncertainty[0].bounds(bmd, spread)
+            ood = float(self.uncertainty[1].score(features[None])[0])
+            if ood > self.uncertainty[1].threshold:
+                reasons.append(
+                    f"the image is unlike the images the model was checked on (score {ood:.2f}, "
+                    f"threshold {self.uncertainty[1].threshold:.2f}): an unfamiliar device or "
+                    "processing, an implant, or not a hip radiograph"
+                )
         patient = _patient(xray)
-        scores, score_warnings = self._scores(targets[BMD_TARGET], patient)
+        scores, score_warnings = clinical_scores(
+            bmd, interval, patient["sex"], patient["age_years"], self.reference, not reasons
+        )
+        if scores["t_score"] is None:
+            reasons += score_warnings
+            score_warnings = []
         bmd_drr = float(prediction.bmd_drr_g_cm2[k])
         return HipResult(
             image=str(xray.source),
@@ -294,44 +366,26 @@ class Estimator:
             localiser_confidence=head.confidence,
             virtual_xray_g_cm2=np.asarray(prediction.pf_drr_g_cm2[k], dtype=np.float32),
             pf_region=region,
-            bmd_g_cm2=targets[BMD_TARGET],
+            bmd_g_cm2=bmd,
             bmd_drr_g_cm2=bmd_drr if math.isfinite(bmd_drr) else None,
             targets=targets,
             patient=patient,
             pf_area_mm2=region_area_mm2(region),
             unilateral_crop=unilateral_crop,
-            confident=not doubts and scores["t_score"] is not None,
-            warnings=doubts + score_warnings,
+            confident=not reasons,
+            warnings=[*common, *reasons, *score_warnings],
+            gate=reasons,
             model=self.model_info,
             pixel_spacing_mm=tuple(xray.pixel_spacing_mm),
             spacing_source=xray.spacing_source,
             dicom_ids={key: xray.meta.get(key) for key in DICOM_ID_KEYS},
+            bmd_interval_g_cm2=interval,
+            ood_score=ood,
+            ood_threshold=self.uncertainty[1].threshold if self.uncertainty else None,
+            tta_sd_g_cm2=spread,
+            features=features,
             **scores,
         )
-
-    def _scores(self, bmd_g_cm2: float, patient: dict) -> tuple[dict, list[str]]:
-        """T-score, WHO category, Z-score and the reference cited, with warnings."""
-        sex, age = patient["sex"], patient["age_years"]
-        warnings = []
-        ref_sex = sex if sex in ("F", "M") else "F"
-        if self.reference == "nhanes3_sex_matched" and sex not in ("F", "M"):
-            warnings.append("patient sex unknown: the female reference was used")
-        scores = {
-            "t_score": None,
-            "who_category": None,
-            "z_score": None,
-            "reference": reference_info("total_hip", ref_sex, self.reference),
-        }
-        if not (math.isfinite(bmd_g_cm2) and bmd_g_cm2 > 0):
-            warnings.append(f"predicted aBMD {bmd_g_cm2:.4g} g/cm2 is not positive: no T-score")
-            return scores, warnings
-        t = t_score(bmd_g_cm2, "total_hip", ref_sex, self.reference)
-        scores["t_score"], scores["who_category"] = t, who_category(t)
-        if sex in ("F", "M") and age is not None and age >= MIN_AGE_YEARS:
-            scores["z_score"] = z_score(bmd_g_cm2, "total_hip", sex, age)
-        return scores, warnings
-
-    # ---- on disk
 
 
 def implausibilities(
@@ -374,6 +428,42 @@ def implausibilities(
     return doubts
 
 
+def _fill_spacing(xray: XRay, given) -> None:
+    """The pixel spacing given by the user, where the file has none (a warning where the file's
+    own differs from it by more than 1 %)."""
+    if given is None:
+        return
+    given = parse_spacing_mm(given)
+    if xray.pixel_spacing_mm is None:
+        xray.pixel_spacing_mm, xray.spacing_source = given, "user"
+        xray.warnings = [w for w in xray.warnings if w != WARN_NO_SPACING]
+        xray.warnings.append(
+            f"pixel spacing {xray.pixel_spacing_mm[0]:g} mm given by the user, not checked"
+        )
+        return
+    if not np.allclose(xray.pixel_spacing_mm, given, rtol=0.01):
+        xray.warnings.append(
+            f"the file's pixel spacing {xray.pixel_spacing_mm[0]:g} mm ({xray.spacing_source}) "
+            f"was used, not the {given[0]:g} mm given"
+        )
+
+
+def _fill_patient(xray: XRay, age_years: float | None, sex: str | None) -> None:
+    """Age and sex given by the user, where the file has none (a warning where it differs)."""
+    for key, given in (("patient_age_years", age_years), ("patient_sex", sex)):
+        if given is None:
+            continue
+        found = xray.meta.get(key)
+        if found in (None, ""):
+            xray.meta[key] = given
+            xray.warnings.append(f"{key.removeprefix('patient_')} {given} given by the user")
+        elif found != given:
+            xray.warnings.append(
+                f"the file records {key.removeprefix('patient_')} {found}; used instead of the "
+                f"{given} given"
+            )
+
+
 def _patient(xray: XRay) -> dict:
     sex = xray.meta.get("patient_sex")
     age = xray.meta.get("patient_age_years")
@@ -381,13 +471,6 @@ def _patient(xray: XRay) -> dict:
         "age_years": float(age) if age is not None else None,
         "sex": sex if sex in ("F", "M", "O") else None,
     }
-
-
-def _body_part_warnings(xray: XRay) -> list[str]:
-    part = str(xray.meta.get("body_part") or "").upper().replace(" ", "")
-    if part in OTHER_BODY_PARTS:
-        return [f"the DICOM says Body Part Examined {part}: not a hip"]
-    return []
 
 
 # ------------------------------------------------------------------------------------------------

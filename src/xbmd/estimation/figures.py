@@ -1,5 +1,16 @@
-"""The figures of ``xbmd estimate`` (8-bit happens only here): the virtual X-ray, the overlay on
-the radiograph, the overview of a whole radiograph."""
+"""The figures of ``xbmd estimate`` (8-bit happens only here), made to be read by a clinician:
+
+- ``overlay.png`` per hip: the radiograph around the hip with the region the number refers to
+  (the total hip: the proximal femur without its head, outlined; the head dotted), beside the
+  virtual X-ray of that hip in g/cm2, both as the radiograph shows the hip (a left hip is not
+  mirrored here), under a title with the BMD, its 95 % interval, the T-score and the category
+  statement;
+- ``virtual_xray.png`` per hip: the virtual X-ray alone, with its colour bar;
+- ``overview.png`` per image: the whole radiograph, each hip's box and its BMD and T-score.
+
+Every figure carries the notice "research use only, not for diagnosis", and says so in red
+when the estimate is not confident.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
-from xbmd.estimation.result import HipResult, crop_box_px, warp_to_image
+from xbmd.estimation.result import (
+    RESEARCH_USE,
+    HipResult,
+    crop_box_px,
+    warp_to_image,
+)
 
 #: Colour scale of the virtual X-ray figures, g/cm2 (the training DRRs peak at about 3.3).
 DISPLAY_MAX_G_CM2 = 3.5
-
-
-#: Longest side of the overview and overlay images, pixels.
-OVERVIEW_MAX_PX = 700
-
-
+#: Longest side of the overview and of the overlay's radiograph panel, pixels.
+OVERVIEW_MAX_PX = 800
 OVERLAY_MAX_PX = 420
-
-
 #: Figures larger than this as true-colour PNG are written with 256 colours.
 MAX_PNG_BYTES = 150_000
-
-
 #: Colour map of the virtual X-ray.
 COLOUR_MAP = "inferno"
+#: Outline colours: the region measured, the head left out.
+REGION_COLOUR, HEAD_COLOUR = "cyan", "white"
 
 
 def _pyplot():
@@ -56,24 +66,62 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def bmd_text(r: HipResult) -> str:
+    """'0.812 g/cm2 (95 %: 0.74-0.89)', or '-'."""
+    if r.bmd_g_cm2 is None:
+        return "-"
+    text = f"{r.bmd_g_cm2:.3f} g/cm2"
+    if r.bmd_interval_g_cm2 is not None:
+        lo, hi = r.bmd_interval_g_cm2
+        text += f" (95 %: {lo:.2f}-{hi:.2f})"
+    return text
+
+
+def t_text(r: HipResult) -> str:
+    if r.t_score is None:
+        return "no T-score"
+    text = f"T {r.t_score:+.1f}"
+    if r.t_score_interval is not None:
+        lo, hi = sorted(r.t_score_interval)
+        text += f" ({lo:+.1f} to {hi:+.1f})"
+    return text
+
+
 def _title(r: HipResult) -> str:
-    bmd = f"{r.bmd_g_cm2:.3f} g/cm2" if r.bmd_g_cm2 is not None else "-"
-    t = f"T {r.t_score:+.1f} ({r.who_category})" if r.t_score is not None else "no T-score"
-    flag = "" if r.confident else ", NOT CONFIDENT"
-    return f"{r.side} hip: BMD {bmd}, {t}{flag}"
+    lines = [f"{r.side} hip: BMD {bmd_text(r)}, {t_text(r)}"]
+    if r.category_statement:
+        lines.append(r.category_statement)
+    return "\n".join(lines)
+
+
+def _notice(fig, r: HipResult | None = None) -> None:
+    """The research-use notice at the foot of a figure, and NOT CONFIDENT in red."""
+    confident = r is None or r.confident
+    text = RESEARCH_USE.upper() + ("" if confident else "  -  NOT CONFIDENT: see warnings")
+    fig.text(
+        0.5, 0.005, text, ha="center", va="bottom", fontsize=8,
+        color="black" if confident else "red", weight="bold",
+    )  # fmt: skip
+
+
+def _as_on_image(r: HipResult, image: np.ndarray) -> np.ndarray:
+    """A canonical-orientation model map shown as the radiograph shows the hip."""
+    return np.ascontiguousarray(image[:, ::-1]) if r.crop.mirrored else image
 
 
 def write_virtual_xray_png(r: HipResult, path: str | Path) -> Path:
-    """The virtual X-ray (canonical orientation) colour-mapped, region outlined, colour bar."""
+    """The virtual X-ray as the radiograph shows the hip, region outlined, colour bar."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    shown = ax.imshow(r.virtual_xray_g_cm2, cmap=COLOUR_MAP, vmin=0, vmax=DISPLAY_MAX_G_CM2)
-    if r.pf_region.any():
-        ax.contour(r.pf_region.astype(float), levels=[0.5], colors="cyan", linewidths=0.8)
+    fig, ax = plt.subplots(figsize=(4.8, 4.6))
+    drr = _as_on_image(r, r.virtual_xray_g_cm2)
+    shown = ax.imshow(drr, cmap=COLOUR_MAP, vmin=0, vmax=DISPLAY_MAX_G_CM2)
+    region = _as_on_image(r, r.total_hip_region)
+    if region.any():
+        ax.contour(region.astype(float), levels=[0.5], colors=REGION_COLOUR, linewidths=0.9)
     ax.set_axis_off()
-    mirrored = "\n(left hip mirrored: shown as a right hip)" if r.crop.mirrored else ""
-    ax.set_title(_title(r) + mirrored, fontsize=8)
+    ax.set_title(_title(r), fontsize=8)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="virtual X-ray, g/cm2")
+    _notice(fig, r)
     return _save(fig, Path(path))
 
 
@@ -100,66 +148,83 @@ def _grey(pixels: np.ndarray, origin_rc, step: int, size) -> np.ndarray:
 
 
 def write_overlay_png(r: HipResult, path: str | Path) -> Path:
-    """The radiograph around the hip in grey, the virtual X-ray warped back onto it in colour
-    where the predicted region is, the head marked, a colour bar in g/cm2."""
+    """Left: the radiograph around the hip, the measured region (total hip, head excluded)
+    outlined over the virtual X-ray in colour, the head dotted. Right: the virtual X-ray alone,
+    as the radiograph shows the hip, with its colour bar. Title: BMD, interval, T, statement."""
     plt = _pyplot()
     from matplotlib.colors import Normalize
 
     pixels = r.xray.pixels
     origin, step, size = _display_grid(crop_box_px(r.crop), pixels.shape, OVERLAY_MAX_PX)
-    r0, c0 = (int(v) for v in origin)
-    grey = _grey(pixels, (r0, c0), step, size)
-    centre = (r0 + (step - 1) / 2, c0 + (step - 1) / 2)
+    grey = _grey(pixels, origin, step, size)
+    centre = (origin[0] + (step - 1) / 2, origin[1] + (step - 1) / 2)
     affine = r.model_to_image
-    drr = warp_to_image(r.virtual_xray_g_cm2, affine, grey.shape, centre, step)
-    region = warp_to_image(r.pf_region.astype(np.float32), affine, grey.shape, centre, step)
+    warp = lambda m: warp_to_image(m, affine, grey.shape, centre, step)  # noqa: E731
+    drr = warp(r.virtual_xray_g_cm2)
+    region = warp(r.total_hip_region.astype(np.float32))
+    head = warp(r.head_region.astype(np.float32))
     norm = Normalize(0, DISPLAY_MAX_G_CM2)
     colour = plt.get_cmap(COLOUR_MAP)(norm(drr))
-    colour[..., 3] = 0.65 * np.clip(region, 0, 1)
-    fig, ax = plt.subplots(figsize=(5.0, 4.4))
+    colour[..., 3] = 0.55 * np.clip(region, 0, 1)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.6, 5.4), width_ratios=(1.15, 1))
+    fig.subplots_adjust(top=0.78, bottom=0.06, wspace=0.08)
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
     ax.imshow(colour)
+    if region.max() > 0.5:
+        ax.contour(region, levels=[0.5], colors=REGION_COLOUR, linewidths=0.9)
+    if head.max() > 0.5:
+        ax.contour(head, levels=[0.5], colors=HEAD_COLOUR, linewidths=0.8, linestyles="dotted")
     to_display = lambda rc: (np.asarray(rc) - centre) / step  # noqa: E731
     box = to_display(np.vstack([crop_box_px(r.crop), crop_box_px(r.crop)[:1]]))
     ax.plot(box[:, 1], box[:, 0], color="yellow", lw=0.6, ls="--")
-    head = to_display(r.head_px)
-    ax.plot(head[1], head[0], "+", color="cyan", ms=12, mew=1.5)
     ax.set_axis_off()
-    ax.set_title(f"{Path(r.image).name}\n{_title(r)}", fontsize=8)
-    mappable = plt.cm.ScalarMappable(norm=norm, cmap=COLOUR_MAP)
-    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label="virtual X-ray, g/cm2")
+    ax.set_title(
+        "radiograph: total hip region (cyan) measured,\nfemoral head (dotted) left out", fontsize=8
+    )
+    shown = ax2.imshow(
+        _as_on_image(r, r.virtual_xray_g_cm2), cmap=COLOUR_MAP, vmin=0, vmax=DISPLAY_MAX_G_CM2
+    )
+    ax2.contour(
+        _as_on_image(r, r.total_hip_region).astype(float), levels=[0.5], colors=REGION_COLOUR,
+        linewidths=0.8,
+    )  # fmt: skip
+    ax2.set_axis_off()
+    ax2.set_title("virtual X-ray of the proximal femur", fontsize=8)
+    fig.colorbar(shown, ax=ax2, fraction=0.046, pad=0.02, label="g/cm2")
+    fig.suptitle(f"{Path(r.image).name}\n{_title(r)}", fontsize=9, y=0.98)
+    _notice(fig, r)
     return _save(fig, Path(path))
 
 
 def write_overview_png(results: list[HipResult], path: str | Path) -> Path:
-    """The whole radiograph with each hip's crop box and its BMD / T-score."""
+    """The whole radiograph with each hip's crop box and its BMD, interval and T-score."""
     plt = _pyplot()
     pixels = results[0].xray.pixels
     full = np.array([[0, 0], [pixels.shape[0] - 1, pixels.shape[1] - 1]], dtype=float)
     origin, step, size = _display_grid(full, pixels.shape, OVERVIEW_MAX_PX, margin=0.0)
     grey = _grey(pixels, origin, step, size)
     centre = np.array([(step - 1) / 2, (step - 1) / 2])
-    fig, ax = plt.subplots(figsize=(6.5, 6.5 * grey.shape[0] / grey.shape[1] + 0.4))
+    width = 8.0
+    fig, ax = plt.subplots(figsize=(width, width * grey.shape[0] / grey.shape[1] + 0.6))
     ax.imshow(grey, cmap="gray", vmin=0, vmax=255)
     for r in results:
         colour = "lime" if r.confident else "orange"
         box = (np.vstack([crop_box_px(r.crop), crop_box_px(r.crop)[:1]]) - centre) / step
-        ax.plot(box[:, 1], box[:, 0], color=colour, lw=1.0)
+        ax.plot(box[:, 1], box[:, 0], color=colour, lw=1.2)
         head = (np.asarray(r.head_px) - centre) / step
-        ax.plot(head[1], head[0], "+", color=colour, ms=10)
-        bmd = f"{r.bmd_g_cm2:.3f} g/cm2" if r.bmd_g_cm2 is not None else "-"
-        t = f"T {r.t_score:+.1f}" if r.t_score is not None else "no T"
+        ax.plot(head[1], head[0], "+", color=colour, ms=12)
+        lines = [f"{r.side} hip", f"BMD {bmd_text(r)}", t_text(r)]
+        if r.who_category:
+            lines.append(r.who_category)
+        if not r.confident:
+            lines.append("NOT CONFIDENT")
         ax.text(
-            box[:, 1].min() + 3,
-            box[:, 0].min() + 3,
-            f"{r.side}\n{bmd}\n{t}" + ("" if r.confident else "\nnot confident"),
-            color=colour,
-            fontsize=8,
-            va="top",
-            bbox={"facecolor": "black", "alpha": 0.5, "pad": 2, "lw": 0},
-        )
-    ax.text(0.01, 0.5, "R", color="yellow", transform=ax.transAxes, fontsize=11, va="center")
-    ax.text(0.97, 0.5, "L", color="yellow", transform=ax.transAxes, fontsize=11, va="center")
+            box[:, 1].min() + 4, box[:, 0].min() + 4, "\n".join(lines), color=colour, fontsize=10,
+            va="top", bbox={"facecolor": "black", "alpha": 0.6, "pad": 3, "lw": 0},
+        )  # fmt: skip
+    ax.text(0.01, 0.02, "R", color="yellow", transform=ax.transAxes, fontsize=13, va="bottom")
+    ax.text(0.97, 0.02, "L", color="yellow", transform=ax.transAxes, fontsize=13, va="bottom")
     ax.set_axis_off()
-    ax.set_title(Path(results[0].image).name, fontsize=9)
+    ax.set_title(Path(results[0].image).name, fontsize=10)
+    _notice(fig, None if all(r.confident for r in results) else results[0])
     return _save(fig, Path(path))

@@ -11,6 +11,8 @@ import numpy as np
 
 from xbmd.errors import InputError
 from xbmd.estimation.figures import (
+    bmd_text,
+    t_text,
     write_overlay_png,
     write_overview_png,
     write_virtual_xray_png,
@@ -19,15 +21,30 @@ from xbmd.estimation.result import CSV_COLUMNS, HipResult
 
 
 def summary_line(r: HipResult) -> str:
-    """One line per hip for people: image, side, BMD, T-score, WHO category, BMD_drr, warnings."""
-    bmd = f"{r.bmd_g_cm2:.3f}" if r.bmd_g_cm2 is not None else "-"
-    t = f"{r.t_score:+.1f}" if r.t_score is not None else "-"
-    drr = f"{r.bmd_drr_g_cm2:.3f}" if r.bmd_drr_g_cm2 is not None else "-"
-    state = "" if r.confident else "  NOT CONFIDENT (see warnings)"
-    return (
-        f"{Path(r.image).name}  {r.side:5s}  BMD {bmd} g/cm2  T {t}  "
-        f"{r.who_category or '-'}  BMD_drr {drr} g/cm2  {len(r.warnings)} warnings{state}"
-    )
+    """One line per hip for people: image, side, BMD with its interval, T-score, the category
+    statement; why it is not confident, when it is not."""
+    line = f"{Path(r.image).name}  {r.side:5s}  BMD {bmd_text(r)}  {t_text(r)}"
+    line += f"  {r.category_statement}" if r.category_statement else ""
+    if not r.confident:
+        line += f"  NOT CONFIDENT: {r.gate[0]}" + (
+            f" (and {len(r.gate) - 1} more)" if len(r.gate) > 1 else ""
+        )
+    return line
+
+
+def csv_row(r: HipResult) -> dict:
+    """One row of ``results.csv`` (``CSV_COLUMNS``)."""
+    d = r.to_dict()
+    interval = d.get("bmd_interval_g_cm2") or [None, None]
+    return {
+        **{c: d.get(c) for c in CSV_COLUMNS},
+        "bmd_low_g_cm2": interval[0],
+        "bmd_high_g_cm2": interval[1],
+        "n_warnings": len(r.warnings),
+        "warnings": " | ".join(r.warnings),
+        "gate": " | ".join(r.gate),
+        "result_json": r.files.get("result_json", ""),
+    }
 
 
 def write_csv(rows: list[HipResult], path: str | Path) -> Path:
@@ -38,15 +55,7 @@ def write_csv(rows: list[HipResult], path: str | Path) -> Path:
         writer = csv.DictWriter(fh, CSV_COLUMNS)
         writer.writeheader()
         for r in rows:
-            d = r.to_dict()
-            writer.writerow(
-                {
-                    **{c: d.get(c) for c in CSV_COLUMNS},
-                    "n_warnings": len(r.warnings),
-                    "warnings": " | ".join(r.warnings),
-                    "result_json": r.files.get("result_json", ""),
-                }
-            )
+            writer.writerow(csv_row(r))
     return path
 
 

@@ -10,7 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from xbmd import __version__
-from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HipCrop
+from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, HipCrop
 from xbmd.geometry import rounded
 from xbmd.io.xray import DICOM_ID_KEYS, XRay
 
@@ -19,12 +19,17 @@ CSV_COLUMNS = (
     "image",
     "side",
     "bmd_g_cm2",
+    "bmd_low_g_cm2",
+    "bmd_high_g_cm2",
     "t_score",
     "who_category",
     "z_score",
+    "category_statement",
     "bmd_drr_g_cm2",
     "qct_vbmd_mg_cm3",
     "confident",
+    "gate",
+    "ood_score",
     "unilateral_crop",
     "localiser_confidence",
     "n_warnings",
@@ -89,6 +94,10 @@ class HipResult:
     ood_threshold: float | None = None
     #: The reasons this estimate is not confident (a subset of ``warnings``; empty: confident).
     gate: list[str] = field(default_factory=list)
+    #: With test-time augmentation: the SD of the BMD over the views (g/cm2) and the image's
+    #: pooled features (for calibration; not written to result.json).
+    tta_sd_g_cm2: float | None = None
+    features: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def virtual_xray_pixel_mm(self) -> float:
@@ -97,6 +106,18 @@ class HipResult:
     @property
     def model_to_image(self) -> np.ndarray:
         return model_to_image(self.crop, self.virtual_xray_g_cm2.shape[-1])
+
+    @property
+    def head_region(self) -> np.ndarray:
+        """(S, S) bool, canonical orientation: the femoral head, approximately
+        (:func:`head_disc`)."""
+        return head_disc(self.pf_region)
+
+    @property
+    def total_hip_region(self) -> np.ndarray:
+        """(S, S) bool, canonical orientation: the proximal femur without its head, the region
+        the total hip BMD describes (approximately: its distal end is the crop's)."""
+        return self.pf_region & ~self.head_region
 
     def to_dict(self) -> dict:
         out = {
@@ -121,6 +142,7 @@ class HipResult:
                 "confident": self.confident,
                 "gate": list(self.gate),
                 "ood_score": _num(self.ood_score),
+                "tta_sd_g_cm2": _num(self.tta_sd_g_cm2, 5),
                 "ood_threshold": _num(self.ood_threshold),
                 "unilateral_crop": self.unilateral_crop,
                 "warnings": list(self.warnings),
@@ -144,6 +166,28 @@ class HipResult:
         )
         out.update(self.files)
         return out
+
+
+#: Femoral head radius assumed when the predicted region does not contain the head centre, mm.
+TYPICAL_HEAD_RADIUS_MM = 24.0
+#: Model pixels added to the inscribed circle to take in the head's rim (the head is not round
+#: in projection, and the region's edge is blurred).
+HEAD_RIM_PX = 2.0
+
+
+def head_disc(pf_region: np.ndarray) -> np.ndarray:
+    """(S, S) bool: the femoral head of a hip crop's proximal-femur region, approximated by the
+    disc around the crop's head centre (``HEAD_POSITION``) that fits inside the region (the
+    largest inscribed circle there). The total hip region of the BMD leaves the head out."""
+    size = pf_region.shape[-1]
+    f = CROP_SIZE_PX / size
+    centre = (np.asarray(HEAD_POSITION) * CROP_SIZE_PX - (f - 1) / 2) / f
+    rows, cols = np.mgrid[0:size, 0:size]
+    ci = tuple(np.clip(np.rint(centre).astype(int), 0, size - 1))
+    radius = TYPICAL_HEAD_RADIUS_MM / (CROP_PIXEL_MM * f)
+    if pf_region[ci]:  # the inscribed circle, grown by the head's rim the circle leaves out
+        radius = float(ndimage.distance_transform_edt(pf_region)[ci]) + HEAD_RIM_PX
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
 
 
 def _pair(pair: tuple[float, float] | None, digits: int = 4) -> list[float | None] | None:

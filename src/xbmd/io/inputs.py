@@ -95,7 +95,9 @@ def gather_inputs(paths: list[Path], filters: InputFilter | None = None) -> Gath
 
     def take(path: Path) -> None:
         key = path.resolve()
-        if key not in seen:
+        if key in seen:
+            out.skipped.append((str(path), "the same file again (given twice): estimated once"))
+        else:
             seen.add(key)
             out.images.append(path)
 

@@ -44,6 +44,7 @@ from pydicom.uid import (
 
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
+from xbmd.io import jpeg, orientation
 
 SPACING_SOURCES = ("ImagerPixelSpacing", "PixelSpacing", "user", "none")
 #: XRay.meta keys of the identifiers that link a result to its DICOM study (None when not DICOM).
@@ -207,9 +208,13 @@ def read_xray(
     ((2800, 2320), (0.148, 0.148), 'ImagerPixelSpacing')
     """
     path = Path(path)
-    user_spacing = None if pixel_spacing_mm is None else _user_spacing(pixel_spacing_mm)
+    user_spacing = None if pixel_spacing_mm is None else parse_spacing_mm(pixel_spacing_mm)
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not an image file")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: empty file (0 bytes)")
     kind = _sniff_format(path)
     if kind == "dicom":
         xray = _read_dicom(path, apply_voi)
@@ -240,7 +245,7 @@ def _sniff_format(path: Path) -> str:
     raise InputError(f"{path}: unrecognised image format; accepted: DICOM, PNG, TIFF, JPEG")
 
 
-def _user_spacing(value: float | Sequence[float]) -> tuple[float, float]:
+def parse_spacing_mm(value: float | Sequence[float]) -> tuple[float, float]:
     if isinstance(value, (int, float, np.number)):
         value = (value, value)
     try:
@@ -283,7 +288,12 @@ def _read_dicom(path: Path, apply_voi: bool) -> XRay:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         stored = _decode(ds, path)
-        values, voi_kind = _grayscale_pipeline(stored, ds, apply_voi)
+        try:
+            values, voi_kind = _grayscale_pipeline(stored, ds, apply_voi)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
+        except (TypeError, ValueError, IndexError) as exc:  # malformed LUT sequences and the like
+            raise InputError(f"{path}: unusable grayscale LUT or rescale values ({exc})") from None
         photometric = str(ds.PhotometricInterpretation)
         inversion_range = None
         if photometric == "MONOCHROME1":
@@ -299,7 +309,38 @@ def _read_dicom(path: Path, apply_voi: bool) -> XRay:
     if photometric == "MONOCHROME2" and ds.get("PresentationLUTShape") == "INVERSE":
         notes.append("MONOCHROME2 with Presentation LUT Shape INVERSE: not inverted")
     meta = _dicom_meta(ds, modality, voi_kind, inversion_range)
+    if _is_lossy(ds):
+        meta["jpeg_quality"] = _dicom_jpeg_quality(ds)
+    ops = orientation.patient_orientation_ops(ds.get("PatientOrientation"))
+    values, spacing, reoriented = _standardise(values, spacing, ops, "Patient Orientation")
+    meta["reoriented"] = reoriented
+    notes += [reoriented] if reoriented else []
     return XRay(values, spacing, spacing_source, str(path), meta, notes)
+
+
+def _standardise(values, spacing, ops, why: str):
+    """Pixels and spacing in the standard AP display (``xbmd.io.orientation``), and a note."""
+    if ops is None or not any(ops):
+        return values, spacing, None
+    values = orientation.apply_ops(np.asarray(values), ops)
+    if ops[0] and spacing is not None:
+        spacing = (spacing[1], spacing[0])
+    return (
+        values,
+        spacing,
+        f"re-oriented to the standard AP display by its {why} tag ({orientation.describe(ops)})",
+    )
+
+
+def _dicom_jpeg_quality(ds: Dataset) -> int | None:
+    """The JPEG quality of a DICOM's first frame (``xbmd.io.jpeg``), None when unknown."""
+    from pydicom.encaps import generate_frames
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    except (StopIteration, ValueError, TypeError, AttributeError):
+        return None
+    return jpeg.quality_from_bytes(bytes(frame))
 
 
 def _dcmread(path: Path) -> Dataset:
@@ -309,6 +350,12 @@ def _dcmread(path: Path) -> Dataset:
         ds = pydicom.dcmread(path, force=not has_preamble)
     except _DICOM_ERRORS as exc:
         raise InputError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from exc
+    if not has_preamble and not any(k in ds for k in ("SOPClassUID", "Modality", "PixelData")):
+        # pydicom, forced, reads anything as an (almost) empty dataset
+        raise InputError(
+            f"{path}: not a DICOM file (no DICM marker and no DICOM image elements) and not "
+            "a PNG, JPEG or TIFF either"
+        )
     if "TransferSyntaxUID" not in ds.file_meta:
         implicit, little = ds.original_encoding
         if implicit is None or not little:
@@ -349,6 +396,11 @@ def _decode(ds: Dataset, path: Path) -> np.ndarray:
     try:
         arr = ds.pixel_array  # masks/sign-extends the bits above BitsStored
     except _DICOM_ERRORS as exc:
+        found = re.search(r"less than expected \((\d+) vs (\d+) bytes\)", str(exc))
+        if found:
+            raise InputError(
+                f"{path}: truncated file (pixel data: {found[1]} of {found[2]} bytes)"
+            ) from None
         raise InputError(
             f"{path}: cannot decode pixel data ({ts.name}): {type(exc).__name__}: {exc}"
         ) from exc
@@ -361,6 +413,7 @@ def _grayscale_pipeline(
     stored: np.ndarray, ds: Dataset, apply_voi: bool
 ) -> tuple[np.ndarray, str | None]:
     """Modality LUT then (optionally) VOI LUT, in float64. Returns (values, 'window'|'lut'|None)."""
+    _check_numeric_tags(ds)
     values = apply_modality_lut(stored, ds)
     voi_kind = _voi_kind(ds) if apply_voi else None
     if voi_kind == "lut" and not np.issubdtype(values.dtype, np.integer):
@@ -369,6 +422,31 @@ def _grayscale_pipeline(
     if voi_kind is not None:
         values = apply_voi_lut(values, ds)
     return np.asarray(values, dtype=np.float64), voi_kind
+
+
+def _check_numeric_tags(ds: Dataset) -> None:
+    """The grayscale pipeline's numbers are numbers, finite, and usable (pydicom would raise a
+    TypeError or ValueError deep inside); InputError naming the tag otherwise."""
+    for keyword, low in (
+        ("RescaleSlope", None),
+        ("RescaleIntercept", None),
+        ("WindowCenter", None),
+        ("WindowWidth", 1.0),
+    ):
+        if keyword not in ds or ds[keyword].value in (None, ""):
+            continue
+        value = ds[keyword].value
+        values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+        try:
+            numbers = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise InputError(f"{keyword} {value!r} is not a number") from None
+        if not all(math.isfinite(v) for v in numbers):
+            raise InputError(f"{keyword} {value!r} is not finite")
+        if low is not None and min(numbers) < low:
+            raise InputError(f"{keyword} {value!r} must be at least {low:g}")
+        if keyword == "RescaleSlope" and numbers[0] == 0:
+            raise InputError("RescaleSlope is 0: every pixel would be the same")
 
 
 def _voi_kind(ds: Dataset) -> str | None:
@@ -448,6 +526,7 @@ def _dicom_meta(
         "patient_sex": _text(ds, "PatientSex"),
         "patient_id": _text(ds, "PatientID"),
         "view_position": _text(ds, "ViewPosition"),
+        "patient_orientation": [str(v) for v in ds.get("PatientOrientation") or []] or None,
         "laterality": _text(ds, "ImageLaterality") or _text(ds, "Laterality"),
         "body_part": _text(ds, "BodyPartExamined"),
         "pixel_intensity_relationship": _text(ds, "PixelIntensityRelationship"),
@@ -535,11 +614,18 @@ def _read_pillow(path: Path, kind: str) -> XRay:
                 raise InputError(f"{path}: {img.n_frames}-frame image; one radiograph expected")
             img.load()
             mode = img.mode
+            quality = None
+            if kind == "jpeg" and getattr(img, "quantization", None):
+                quality = jpeg.quality_from_table(img.quantization[min(img.quantization)])
+            exif = img.getexif().get(0x0112) if hasattr(img, "getexif") else None
             arr = _pillow_gray(img, path, lossy=kind == "jpeg")
     except (*_PILLOW_ERRORS, Image.DecompressionBombError) as exc:
         raise InputError(f"{path}: unreadable {kind.upper()} ({exc})") from exc
     notes = [WARN_NOT_DICOM] + ([WARN_LOSSY] if kind == "jpeg" else [])
+    arr, _, reoriented = _standardise(arr, None, orientation.exif_ops(exif), "EXIF Orientation")
+    notes += [reoriented] if reoriented else []
     meta = {"format": kind, "mode": mode, "dtype": str(arr.dtype), **dict.fromkeys(DICOM_ID_KEYS)}
+    meta |= {"jpeg_quality": quality, "reoriented": reoriented}
     return XRay(arr, None, "none", str(path), meta, notes)
 
 

@@ -19,7 +19,7 @@ from xbmd.io.xray import (
     BODY_PART_CODES,
     DX_FOR_PRESENTATION,
     DX_FOR_PROCESSING,
-    _user_spacing,
+    parse_spacing_mm,
 )
 
 
@@ -94,7 +94,7 @@ def write_xray_dicom(
     """
     path = Path(path)
     max_value = _check_writer_args(xray_pixels_uint16, photometric, bits_stored, laterality)
-    spacing = _user_spacing(pixel_spacing_mm)
+    spacing = parse_spacing_mm(pixel_spacing_mm)
     pixels = np.asarray(xray_pixels_uint16).astype(np.uint16)
     if photometric == "MONOCHROME1":
         pixels = (max_value - pixels).astype(np.uint16)

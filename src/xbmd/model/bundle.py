@@ -5,7 +5,9 @@ Keys: ``format`` ('xbmd-model'), ``format_version``, ``xbmd_version``, ``created
 training set, to undo the standardisation), ``crop`` (the hip crop the model was trained on:
 ``size_px``, ``pixel_mm``, ``head_position``; format 2 and later), ``generator`` (state dict:
 encoder, decoder, regression head), ``localiser`` (:func:`xbmd.model.localiser.localiser_state`,
-or None) and ``training`` (the run summary). The bundled default lives in
+or None), ``training`` (the run summary) and, once calibrated by ``xbmd calibrate-model``,
+``uncertainty`` (``xbmd.model.uncertainty.uncertainty_state``: the interval and the
+out-of-distribution score). The bundled default lives in
 ``xbmd/data/models/default.pt``.
 
 Bundles hold tensors and plain Python values only and are read with
@@ -79,7 +81,10 @@ class Prediction:
     pf_region (N, S, S) bool: the predicted proximal-femur region;
     pf_probability (N, S, S) float32: its probability;
     bmd_drr_g_cm2 (N,): mean of the virtual X-ray inside the region (NaN if empty);
-    targets {name: (N,)}: the stage-3 regression outputs in physical units.
+    targets {name: (N,)}: the stage-3 regression outputs in physical units (with test-time
+    augmentation: their mean over the views);
+    targets_sd {name: (N,)}: with test-time augmentation, their SD over the views, else None;
+    features (N, D): with test-time augmentation, the pooled deepest features, else None.
     """
 
     pf_drr_g_cm2: np.ndarray
@@ -87,6 +92,8 @@ class Prediction:
     pf_probability: np.ndarray
     bmd_drr_g_cm2: np.ndarray
     targets: dict[str, np.ndarray]
+    targets_sd: dict[str, np.ndarray] | None = None
+    features: np.ndarray | None = None
 
 
 class ModelBundle:
@@ -108,6 +115,7 @@ class ModelBundle:
         self.generator = build_generator(self.config)
         self.generator.load_state_dict(bundle["generator"])
         self.generator.eval()
+        self.uncertainty = bundle.get("uncertainty") or None
         self.localiser = None
         if bundle.get("localiser"):
             from xbmd.model.localiser import localiser_from_state
@@ -116,8 +124,13 @@ class ModelBundle:
             self.localiser.eval()
 
     @torch.no_grad()
-    def predict(self, xray: np.ndarray, valid: np.ndarray) -> Prediction:
-        """Predict for hip crops: xray (N, 256, 256) raw crop values, valid (N, 256, 256) bool."""
+    def predict(self, xray: np.ndarray, valid: np.ndarray, tta: bool = False) -> Prediction:
+        """Predict for hip crops: xray (N, 256, 256) raw crop values, valid (N, 256, 256) bool.
+
+        ``tta``: the regression outputs are the mean over test-time views
+        (``xbmd.model.uncertainty``), with their SD and the features of the out-of-distribution
+        score; the virtual X-ray is the unaltered view's.
+        """
         xray = np.asarray(xray, dtype=np.float32)
         valid = np.asarray(valid, dtype=bool)
         if xray.ndim == 2:
@@ -132,11 +145,18 @@ class ModelBundle:
         drr = drr_t.numpy().astype(np.float32)
         prob = prob_t.numpy().astype(np.float32)
         region = prob > self.region_probability
-        targets = {}
+        pred, pred_sd, features = pred.numpy(), None, None
+        if tta:
+            from xbmd.model.uncertainty import tta_targets
+
+            pred, pred_sd, features = tta_targets(self.generator, inputs)
+        targets, targets_sd = {}, ({} if tta else None)
         for j, t in enumerate(self.targets):
             mean, sd = self.target_stats[t]
-            targets[t] = pred[:, j].numpy().astype(np.float64) * sd + mean
-        return Prediction(drr, region, prob, bmd.astype(np.float64), targets)
+            targets[t] = pred[:, j].astype(np.float64) * sd + mean
+            if tta:
+                targets_sd[t] = pred_sd[:, j].astype(np.float64) * sd
+        return Prediction(drr, region, prob, bmd.astype(np.float64), targets, targets_sd, features)
 
 
 def load_bundle(path: str | Path | None = None) -> ModelBundle:
