@@ -22,20 +22,20 @@ objects rendered by Agg, never registered with pyplot, so nothing accumulates ac
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from xbmd.evaluation import report_sections as sections
+from xbmd.evaluation.html_parts import embed as _embed
+from xbmd.evaluation.html_parts import esc as _e
+from xbmd.evaluation.html_parts import html_table as _table
+from xbmd.evaluation.html_parts import not_available as _not_available
+from xbmd.evaluation.html_parts import pct_of_one
+from xbmd.evaluation.html_parts import plot_or_reason as _plot_or_reason
 from xbmd.evaluation.numbers import (
-    DPI,
-    TooFewValuesError,
     _finite,
     fmt_int,
     fmt_number,
@@ -55,21 +55,33 @@ from xbmd.evaluation.plots import (
 #: Largest gallery PNG, bytes: noisy radiographs compress badly, so a bigger row is redrawn at a
 #: lower resolution (three rows then stay under ~0.9 MB of base64).
 GALLERY_MAX_PNG_BYTES = 220_000
-#: Lowest resolution a gallery row is redrawn at, dots per inch.
-GALLERY_MIN_DPI = 50
 #: Figures written under figures/, besides gallery_<n>_<label>.png.
-FIGURE_NAMES = ("scatter", "bland_altman", "pose_spread", "robustness")
+FIGURE_NAMES = (
+    "scatter",
+    "bland_altman",
+    "pose_spread",
+    "robustness",
+    "e2e_scatter",
+    "e2e_bland_altman",
+    "file_robustness",
+)
 #: Why a section is missing, unless metrics["not_available"][section] says otherwise.
 MISSING_REASONS = {
     "diagnostic": "not computed in this evaluation (needs reference T-scores)",
     "decomposition": "not computed in this evaluation (needs reference DRRs)",
     "reproducibility": "not computed in this evaluation (needs hips imaged in two or more poses)",
     "robustness": "not computed in this evaluation (robustness run not asked for)",
+    "end_to_end": "not computed in this evaluation",
+    "sessions": "not computed in this evaluation (needs study UIDs)",
+    "whole_file_robustness": "not computed in this evaluation",
+    "interval": "not computed in this evaluation",
+    "gate": "not computed in this evaluation",
 }
 _CSS = """
 body { font-family: sans-serif; max-width: 1150px; margin: 1.5em auto; padding: 0 1em;
        color: #222; line-height: 1.4; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+h1.part { font-size: 1.35em; margin-top: 2.2em; color: #234; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f0f0f0; } td.t, th.t { text-align: left; }
@@ -82,66 +94,6 @@ figcaption { font-size: 0.85em; color: #555; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; font-size: 0.9em; }
 dt { font-weight: bold; } dd { margin: 0; }
 """
-
-
-def _e(value) -> str:
-    """HTML-escaped text of anything (None -> "n/a")."""
-    return "n/a" if value is None else html.escape(str(value), quote=True)
-
-
-def _not_available(reason: str) -> str:
-    return f'<p class="na">not available: {_e(reason)}</p>'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, classes=()) -> str:
-    """An HTML table of already escaped cells; the first ``left`` columns are left-aligned."""
-
-    def cells(tag: str, row: Sequence[str]) -> str:
-        return "".join(
-            f'<{tag} class="t">{c}</{tag}>' if i < left else f"<{tag}>{c}</{tag}>"
-            for i, c in enumerate(row)
-        )
-
-    classes = list(classes) + [""] * (len(rows) - len(classes))
-    body = "".join(
-        f'<tr class="{cls}">{cells("td", row)}</tr>' if cls else f"<tr>{cells('td', row)}</tr>"
-        for row, cls in zip(rows, classes, strict=True)
-    )
-    return f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _png_bytes(fig: Figure, max_bytes: int | None = None) -> bytes:
-    """``fig`` as PNG at :data:`DPI`, redrawn at a lower resolution if larger than ``max_bytes``."""
-    dpi = DPI
-    while True:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
-        png = buffer.getvalue()
-        if max_bytes is None or len(png) <= max_bytes or dpi <= GALLERY_MIN_DPI:
-            return png
-        # PNG size goes with the pixel count, i.e. with dpi squared.
-        dpi = max(GALLERY_MIN_DPI, int(dpi * math.sqrt(max_bytes / len(png)) * 0.95))
-
-
-def _embed(
-    fig: Figure, figures_dir: Path, name: str, caption: str = "", max_bytes: int | None = None
-) -> str:
-    """Save ``fig`` as figures_dir/<name>.png and return a <figure> with the same PNG inline."""
-    png = _png_bytes(fig, max_bytes)
-    fig.clear()
-    (figures_dir / f"{name}.png").write_bytes(png)
-    data = base64.b64encode(png).decode("ascii")
-    text = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{data}">{text}</figure>'
-
-
-def _plot_or_reason(make, figures_dir: Path, name: str, caption: str = "") -> str:
-    """The embedded figure ``make()`` draws, or a "not available" line if data are too few."""
-    try:
-        fig = make()
-    except TooFewValuesError as error:
-        return _not_available(f"{name}: {error}")
-    return _embed(fig, figures_dir, name, caption)
 
 
 # --------------------------------------------------------------------------- sections
@@ -176,9 +128,18 @@ def _header(metrics: dict) -> str:
     )
 
 
-def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) -> str:
-    parts = ["<h2>Agreement</h2>"]
-    rows = metrics.get("agreement")
+def _agreement_section(
+    metrics: dict,
+    table: Sequence[dict],
+    figures_dir: Path,
+    rows: Sequence[dict] | None = None,
+    title: str = "<h2>Agreement</h2>",
+    prefix: str = "",
+) -> str:
+    """Agreement table, scatter and Bland-Altman plots (figures ``<prefix>scatter`` and
+    ``<prefix>bland_altman``); ``rows`` default to ``metrics["agreement"]``."""
+    parts = [title]
+    rows = metrics.get("agreement") if rows is None else rows
     target = metrics.get("target") or {}
     if not rows:
         parts.append(_not_available("no agreement rows"))
@@ -203,7 +164,7 @@ def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) 
                 thresholds=thresholds,
             ),
             figures_dir,
-            "scatter",
+            f"{prefix}scatter",
             "estimate against reference"
             + ("; dotted: WHO T-score thresholds" if thresholds else ""),
         )
@@ -212,7 +173,7 @@ def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) 
         _plot_or_reason(
             lambda: bland_altman_plot(est, ref, unit),
             figures_dir,
-            "bland_altman",
+            f"{prefix}bland_altman",
             "difference against mean; limits of agreement = bias +/- 1.96 SD",
         )
     )
@@ -263,8 +224,10 @@ def _agreement_table(rows: Sequence[dict], target: dict) -> str:
     return _table(header, cells, left=3, classes=classes) + note
 
 
-def _diagnostic_section(diagnostic: dict | None, missing: str) -> str:
-    parts = ["<h2>Diagnostic performance</h2>"]
+def _diagnostic_section(
+    diagnostic: dict | None, missing: str, title: str = "<h2>Diagnostic performance</h2>"
+) -> str:
+    parts = [title]
     if not diagnostic:
         return parts[0] + _not_available(missing)
     parts.append(
@@ -294,19 +257,14 @@ def _diagnostic_section(diagnostic: dict | None, missing: str) -> str:
                 fmt_int(task.get("n")),
                 fmt_int(task.get("n_positive")),
                 fmt_number(task.get("auc")),
-                _pct_of_one(task.get("sensitivity")),
-                _pct_of_one(task.get("specificity")),
+                pct_of_one(task.get("sensitivity")),
+                pct_of_one(task.get("specificity")),
                 *(fmt_int(confusion.get(k)) for k in ("tp", "fp", "tn", "fn")),
             ]
         )
     parts.append(_table(header, rows, left=2) if rows else _not_available("no tasks"))
     parts.append(_who_table(diagnostic.get("who")))
     return "".join(parts)
-
-
-def _pct_of_one(value) -> str:
-    """A proportion (0-1) as a percentage."""
-    return fmt_number(float(value) * 100, 1, "%") if _finite(value) else "n/a"
 
 
 def _who_table(who: dict | None) -> str:
@@ -465,16 +423,77 @@ def _gallery_section(gallery: Sequence[dict], figures_dir: Path, unit: str) -> s
     return "".join(parts)
 
 
+def _end_to_end_section(
+    metrics: dict, table: Sequence[dict], figures_dir: Path, missing: str
+) -> str:
+    title = "<h2>End to end</h2>"
+    block = metrics.get("end_to_end")
+    if not block:
+        return title + _not_available(missing)
+    c = block.get("counts") or {}
+    intro = (
+        f"<p>The estimator on {fmt_int(c.get('radiographs'))} original radiographs (under "
+        f"{_e(block.get('radiographs_root'))}): {fmt_int(c.get('hips_reported'))} of "
+        f"{fmt_int(c.get('hips_expected'))} hips of the index reported, "
+        f"{fmt_int(c.get('implant_hips'))} with an implant (left out of agreement), "
+        f"{fmt_int(c.get('failed'))} failures, {fmt_int(c.get('unmatched'))} reported hips with "
+        "no index row.</p>"
+    )
+    unmatched = block.get("unmatched") or []
+    return (
+        title
+        + intro
+        + _agreement_section(
+            metrics, table, figures_dir, block.get("agreement") or [], "", prefix="e2e_"
+        )
+        + _diagnostic_section(
+            block.get("diagnostic"),
+            "no total-hip areal BMD reference",
+            "<h3>Diagnostic performance, end to end</h3>",
+        )
+        + sections.localisation_line(block.get("localisation"))
+        + sections.failures_table(block.get("failures") or [])
+        + (
+            "<h3>Reported hips with no index row</h3>"
+            + _table(
+                ["radiograph", "side", "bmd_g_cm2", "why"],
+                [
+                    [
+                        _e(u.get("xray")),
+                        _e(u.get("side")),
+                        fmt_number(u.get("bmd_g_cm2")),
+                        _e(u.get("reason")),
+                    ]
+                    for u in unmatched
+                ],
+                left=2,
+            )
+            if unmatched
+            else ""
+        )
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
-def write_report(out_dir: Path, metrics: dict, table: list[dict], gallery: list[dict]) -> Path:
+def write_report(
+    out_dir: Path,
+    metrics: dict,
+    table: list[dict],
+    gallery: list[dict],
+    end_to_end_table: list[dict] | None = None,
+) -> Path:
     """Write out_dir/report.html (self-contained: every image embedded as base64 PNG, no external
     CSS/JS/fonts) and the same figures as PNG files under out_dir/figures/. Returns the html path.
 
     ``metrics``: the dict of ``xbmd evaluate`` (metrics.json); ``table``: one dict per image with
     at least ``hip``, ``estimate``, ``reference`` (primary pair, in ``metrics["target"]["unit"]``);
-    ``gallery``: 0-3 dicts for :func:`gallery_figure`.
+    ``gallery``: 0-3 dicts for :func:`gallery_figure`; ``end_to_end_table``: the same as
+    ``table`` for the end-to-end estimates. The page: header, headline, part 1 end to end
+    (agreement, sessions, delivered-file robustness, interval, gate), part 2 true crops (or the
+    predictions CSV: agreement, diagnostics, decomposition, pose reproducibility, crop
+    robustness, gallery).
     An optional ``metrics["not_available"]`` (section -> reason) replaces the default reasons
     (:data:`MISSING_REASONS`) printed for a section that is None. Figures this function wrote
     earlier in ``out_dir/figures`` are removed first, so none outlives a re-run.
@@ -490,9 +509,22 @@ def write_report(out_dir: Path, metrics: dict, table: list[dict], gallery: list[
             old.unlink()
     unit = (metrics.get("target") or {}).get("unit", "g/cm2")
     reasons = {**MISSING_REASONS, **(metrics.get("not_available") or {})}
+    second = "true crops" if (metrics.get("source") or {}).get("model") else "predictions CSV"
     body = "".join(
         [
             _header(metrics),
+            sections.headline_section(metrics.get("headline"), unit),
+            '<h1 class="part">Part 1: end to end, as users get it</h1>',
+            _end_to_end_section(
+                metrics, end_to_end_table or [], figures_dir, reasons["end_to_end"]
+            ),
+            sections.sessions_section(metrics.get("sessions"), reasons["sessions"]),
+            sections.whole_file_section(
+                metrics.get("whole_file_robustness"), reasons["whole_file_robustness"], figures_dir
+            ),
+            sections.interval_section(metrics.get("interval"), reasons["interval"]),
+            sections.gate_section(metrics.get("gate"), reasons["gate"]),
+            f'<h1 class="part">Part 2: {second}</h1>',
             _agreement_section(metrics, table, figures_dir),
             _diagnostic_section(metrics.get("diagnostic"), reasons["diagnostic"]),
             _decomposition_section(metrics.get("decomposition"), reasons["decomposition"]),
