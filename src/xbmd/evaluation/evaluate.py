@@ -149,12 +149,12 @@ def _end_to_end(bundle, dataset, radiographs, wanted: bool | None, progress):
     rows = read_index(dataset)
     originals = find_originals(dataset, rows, radiographs)
     problem = ""
-    if bundle.localiser is None:
-        problem = f"the model {bundle.source} has no hip localiser"
-    elif not originals.paths:
+    if not originals.paths:
         problem = f"the original radiographs are not reachable: {originals.reason}"
     elif wanted is None and not originals.all_found:
         problem = f"not every original radiograph is reachable: {originals.reason}"
+    elif bundle.localiser is None:
+        problem = f"the model {bundle.source} has no hip localiser"
     if problem:
         if wanted:
             raise InputError(f"--end-to-end: {problem}")

@@ -243,7 +243,7 @@ def robustness_plot(rows: Sequence[dict], jpeg_target: dict | None = None) -> Fi
         legend.values(),
         legend.keys(),
         loc="outside lower center",
-        ncol=len(legend),
+        ncol=min(len(legend), 2 * len(kinds)),  # a narrow figure takes two rows of entries
         fontsize=8,
         frameon=False,
     )

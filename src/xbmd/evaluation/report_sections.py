@@ -322,7 +322,7 @@ def failures_table(failures: Sequence[dict], limit: int = 60) -> str:
     ]
     more = len(failures) - limit
     return (
-        f"<h3>Failures: {len(failures)} hips not reported</h3>"
+        f"<h3>Failures: hips not reported ({len(failures)})</h3>"
         + html_table(["radiograph", "side", "implant", "stage", "reason"], rows, left=5)
         + (f'<p class="note">... and {more} more (metrics.json).</p>' if more > 0 else "")
     )
