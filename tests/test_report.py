@@ -239,7 +239,7 @@ def make_user_sections() -> dict:
                     "n": 12,
                     "pearson_r": 0.9012,
                 },
-            ],  # fmt: skip
+            ],
         },
         "end_to_end": {
             "radiographs_root": "cohort",
@@ -250,7 +250,7 @@ def make_user_sections() -> dict:
                 "implant_hips": 0,
                 "failed": 1,
                 "unmatched": 1,
-            },  # fmt: skip
+            },
             "agreement": [
                 {
                     "estimate": "bmd_g_cm2",
@@ -259,7 +259,7 @@ def make_user_sections() -> dict:
                     "level": "image",
                     **agree,
                 }
-            ],  # fmt: skip
+            ],
             "diagnostic": None,
             "localisation": {
                 "n": 11,
@@ -268,7 +268,7 @@ def make_user_sections() -> dict:
                 "max_mm": 12.5,
                 "flag_mm": 10.0,
                 "beyond_flag": 1,
-            },  # fmt: skip
+            },
             "failures": [
                 {
                     "sample_id": "p1/x_right",
@@ -278,7 +278,7 @@ def make_user_sections() -> dict:
                     "stage": "estimate",
                     "error": "no femoral head found <here>",
                 }
-            ],  # fmt: skip
+            ],
             "unmatched": [
                 {"xray": "p2/x.dcm", "side": "left", "bmd_g_cm2": 0.7712, "reason": "no row"}
             ],
@@ -301,7 +301,7 @@ def make_user_sections() -> dict:
                     },
                     "all_images": precision,
                 }
-            },  # fmt: skip
+            },
             "published_rms_cv_pct": [3.27, 3.79],
             "dxa_total_hip_precision_pct": [1.0, 2.0],
         },
@@ -316,7 +316,7 @@ def make_user_sections() -> dict:
                 "max_p95_abs_change_pct": 1.5,
                 "min_quality": 50,
                 "met": False,
-            },  # fmt: skip
+            },
         },
         "interval": {
             "reference": "ct_abmd_g_cm2",
@@ -333,7 +333,7 @@ def make_user_sections() -> dict:
             "confident_coverage": 0.9,
             "target_coverage": [0.93, 0.97],
             "met": False,
-        },  # fmt: skip
+        },
         "gate": {
             "implant": {
                 "hips": 2,
@@ -367,7 +367,7 @@ def make_user_sections() -> dict:
             "by_manufacturer": [
                 {"manufacturer": "Tern", "hips": 11, "share_flagged": 0.0, "share_ood": 0.0}
             ],
-        },  # fmt: skip
+        },
     }
 
 

@@ -1,17 +1,23 @@
 """The validation report of ``xbmd evaluate``: one self-contained HTML page plus its figures.
 
-``xbmd evaluate`` computes every number (``metrics``, also written as metrics.json), a per-image
-``table`` and a small ``gallery``; :func:`write_report` only lays them out:
+``xbmd evaluate`` computes every number (``metrics``, also written as metrics.json), per-image
+tables (true crops and end to end) and a small ``gallery``; :func:`write_report` only lays them
+out:
 
 1. header: what was evaluated, counts, version, date, command line, run time;
-2. agreement of the BMD estimate with its reference (table of every estimate/reference/level, a
-   scatter plot and a Bland-Altman plot of the primary pair per image);
-3. diagnostic performance of the estimated T-score (AUC, sensitivity, specificity, confusion
-   matrices, WHO 3x3 table);
-4. decomposition: predicted proximal-femur DRR against the reference DRR (PSNR, SSIM, ...);
-5. reproducibility over poses (RMS-CV, RMS-SD, least significant change; per-hip spread plot);
-6. robustness to JPEG, exposure, gamma and noise (table, plot, whether the JPEG target is met);
-7. gallery of the best, median and worst images (X-ray, reference DRR, prediction, error map).
+2. headline: the primary pair end to end and on true crops, side by side
+   (``xbmd.evaluation.report_sections``);
+3. part 1, end to end: agreement, scatter and Bland-Altman plots, diagnostics, the localiser's
+   error, failures; reproducibility by session; robustness of the delivered file; the interval;
+   the quality gate;
+4. part 2, true crops (or the predictions CSV): agreement of the BMD estimate with its reference
+   (table of every estimate/reference/level, a scatter plot and a Bland-Altman plot of the
+   primary pair per image); diagnostic performance of the estimated T-score (AUC, sensitivity,
+   specificity, confusion matrices, WHO 3x3 table); decomposition: predicted proximal-femur DRR
+   against the reference DRR (PSNR, SSIM, ...); reproducibility over poses (RMS-CV, RMS-SD,
+   least significant change; per-hip spread plot); robustness to JPEG, exposure, gamma and noise
+   of the crop (table, plot, whether the JPEG target is met); gallery of the best, median and
+   worst images (X-ray, reference DRR, prediction, error map).
 
 The page has no external links, styles, scripts or fonts: every figure is an inline base64 PNG,
 so the file can be mailed or archived as it is. The same figures are written as PNG files under
