@@ -118,17 +118,20 @@ def headline(modes: dict[str, tuple[Samples, int, int]], primary: tuple[str, str
                 e, _ = hip_means(e, hips)
                 r, _ = hip_means(r, hips)
             ok = np.isfinite(e) & np.isfinite(r)
-            row = {"mode": mode, "level": level, "expected": expected, "failures": failed}
+            row = {"mode": mode, "level": level, "expected": None, "failures": None}
+            if level == "image":  # hips of the index (without an implant), those not reported
+                row.update(expected=expected, failures=failed)
             if ok.sum() >= 3:
                 row.update(agreement(e, r))
             else:
                 row["n"] = int(ok.sum())
             rows.append(row)
-    return {
-        "estimate": "bmd_g_cm2" if est == "ct_abmd_g_cm2" else est,
-        "reference": ref,
-        "rows": rows,
-    }
+    return {"estimate": display_name(est), "reference": ref, "rows": rows}
+
+
+def display_name(estimate: str) -> str:
+    """The name users see: ``bmd_g_cm2`` for the total-hip aBMD head."""
+    return "bmd_g_cm2" if estimate == "ct_abmd_g_cm2" else estimate
 
 
 def _kinds(values, allowed, what: str) -> list[str]:
@@ -301,6 +304,8 @@ def evaluate(
         sessions, reasons["sessions"] = sessions_section(
             {"end_to_end": e2e.samples if e2e else None, mode: samples}, primary[0]
         )
+        if sessions:
+            sessions["estimate"] = display_name(primary[0])
     else:
         reasons["sessions"] = "not requested"
     modes = {}

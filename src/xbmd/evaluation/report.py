@@ -141,9 +141,11 @@ def _agreement_section(
     rows: Sequence[dict] | None = None,
     title: str = "<h2>Agreement</h2>",
     prefix: str = "",
+    estimate_label: str | None = None,
 ) -> str:
     """Agreement table, scatter and Bland-Altman plots (figures ``<prefix>scatter`` and
-    ``<prefix>bland_altman``); ``rows`` default to ``metrics["agreement"]``."""
+    ``<prefix>bland_altman``); ``rows`` default to ``metrics["agreement"]``;
+    ``estimate_label`` names the primary estimate (default: the target's)."""
     parts = [title]
     rows = metrics.get("agreement") if rows is None else rows
     target = metrics.get("target") or {}
@@ -155,9 +157,8 @@ def _agreement_section(
     est = [row.get("estimate") for row in table]
     ref = [row.get("reference") for row in table]
     label = target.get("label") or target.get("reference") or "reference"
-    parts.append(
-        f"<p>Primary pair per image: {_e(target.get('estimate'))} against {_e(label)}.</p>"
-    )
+    estimate_label = estimate_label or str(target.get("estimate", "estimate"))
+    parts.append(f"<p>Primary pair per image: {_e(estimate_label)} against {_e(label)}.</p>")
     thresholds = bmd_at_t_thresholds(table)
     parts.append(
         _plot_or_reason(
@@ -165,7 +166,7 @@ def _agreement_section(
                 est,
                 ref,
                 unit,
-                estimate_label=str(target.get("estimate", "estimate")),
+                estimate_label=estimate_label,
                 reference_label=str(label),
                 thresholds=thresholds,
             ),
@@ -450,7 +451,14 @@ def _end_to_end_section(
         title
         + intro
         + _agreement_section(
-            metrics, table, figures_dir, block.get("agreement") or [], "", prefix="e2e_"
+            metrics,
+            table,
+            figures_dir,
+            block.get("agreement") or [],
+            "",
+            prefix="e2e_",
+            estimate_label=f"{(metrics.get('headline') or {}).get('estimate', 'estimate')}, "
+            "end to end",
         )
         + _diagnostic_section(
             block.get("diagnostic"),
@@ -462,17 +470,17 @@ def _end_to_end_section(
         + (
             "<h3>Reported hips with no index row</h3>"
             + _table(
-                ["radiograph", "side", "bmd_g_cm2", "why"],
+                ["radiograph", "side", "why", "bmd_g_cm2"],
                 [
                     [
                         _e(u.get("xray")),
                         _e(u.get("side")),
-                        fmt_number(u.get("bmd_g_cm2")),
                         _e(u.get("reason")),
+                        fmt_number(u.get("bmd_g_cm2")),
                     ]
                     for u in unmatched
                 ],
-                left=2,
+                left=3,
             )
             if unmatched
             else ""
