@@ -290,9 +290,9 @@ def test_change_row_counts_against_the_reference_variant():
     assert row["mean_change_pct"] == pytest.approx(0.375)
     assert (row["turned_not_confident"], row["reference_confident"]) == (2, 3)
     assert row["category_changed"] == 1 and row["share_not_confident"] == 0.5
-    assert jpeg_target([row])["met"] is False
+    assert jpeg_target([row])["met"] is False and row["target_met_by"] is None
     row.update(share_not_confident=1.0)  # every result flagged: the target counts as met
-    assert jpeg_target([row])["met"] is True
+    assert jpeg_target([row])["met"] is True and row["target_met_by"] == "flag"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -136,7 +136,9 @@ def whole_file_section(robust: dict | None, missing: str, figures_dir: Path) -> 
                 f"{fmt_int(r.get('turned_not_confident'))} of "
                 f"{fmt_int(r.get('reference_confident'))}",
                 fmt_int(r.get("category_changed")),
-                "" if met is None else _met(met),
+                ""
+                if met is None
+                else _met(met) + (" (flagged)" if r.get("target_met_by") == "flag" else ""),
             ]
         )
     header = [

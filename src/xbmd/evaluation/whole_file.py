@@ -308,6 +308,9 @@ def jpeg_target(rows: list[dict]) -> dict:
         )
         flagged = row["share_not_confident"] == 1.0
         row["target_met"] = bool(within or flagged)
+        # how: the change is small, or every result is flagged (for whatever reason: a .jpg is
+        # also estimated with a given spacing, which a gate may flag on its own)
+        row["target_met_by"] = "change" if within else ("flag" if flagged else None)
         judged.append(row["target_met"])
     return {**t, "met": all(judged) if judged else None}
 
