@@ -165,7 +165,8 @@ def summary_lines(metrics: dict) -> list[str]:
             f"end to end: {e['hips_reported']} of {e['hips_expected']} hips reported on "
             f"{e['radiographs']} radiographs ({e['implant_hips']} with an implant)"
         )
-    lines.append(f"true crops: {c['images']} images, {c['hips']} hips, {c['patients']} patients")
+    source = "true crops" if (metrics.get("source") or {}).get("model") else "predictions"
+    lines.append(f"{source}: {c['images']} images, {c['hips']} hips, {c['patients']} patients")
     for a in metrics["agreement"]:
         lines.append(
             f"{a['estimate']} vs {a['reference']} ({a['level']}, n={a['n']}): "

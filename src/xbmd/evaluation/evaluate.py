@@ -234,6 +234,8 @@ def evaluate(
 
     if (dataset is None) == (predictions is None):
         raise InputError("give either a dataset (with a model) or a predictions CSV")
+    if predictions is not None and end_to_end:
+        raise InputError("end to end needs a dataset (its radiographs), not a predictions CSV")
     kinds = _kinds(ROBUSTNESS_KINDS if robustness is None else robustness, ROBUSTNESS_KINDS,
                    "robustness test(s)")  # fmt: skip
     file_kinds = _kinds(

@@ -240,7 +240,8 @@ def estimate_variants(estimator, source: Path, baseline: dict, kinds: list[str],
     for kind, level in variants_needed(kinds):
         path, given = write_variant(kind, level, source, image8, spacing, folder)
         try:
-            out[(kind, level)] = {r.side: _brief(r) for r in estimator.estimate(path, given)}
+            results = estimator.estimate(path, pixel_spacing_mm=given)
+            out[(kind, level)] = {r.side: _brief(r) for r in results}
         except XbmdError as exc:
             out[(kind, level)] = str(exc)
         path.unlink()
