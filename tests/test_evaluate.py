@@ -12,14 +12,9 @@ from typer.testing import CliRunner
 
 from xbmd.cli import app
 from xbmd.errors import InputError
-from xbmd.evaluation.evaluate import (
-    PERTURBATIONS,
-    evaluate,
-    perturb,
-    primary_pair,
-    read_predictions,
-    t_scores,
-)
+from xbmd.evaluation.evaluate import evaluate
+from xbmd.evaluation.robustness import PERTURBATIONS, perturb
+from xbmd.evaluation.samples import primary_pair, read_predictions, t_scores
 from xbmd.evaluation.stats import agreement, reproducibility
 from xbmd.learn import config
 from xbmd.model.bundle import write_bundle
@@ -134,7 +129,17 @@ def test_model_on_a_dataset_writes_every_section(report):
     out, result = report
     assert result.exit_code == 2, result.output  # one sample file is missing
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["counts"] == {"images": 15, "hips": 8, "patients": 4, "failed": 1}
+    assert metrics["counts"] == {
+        "images": 15,
+        "hips": 8,
+        "patients": 4,
+        "failed": 1,
+        "implant_samples_left_out": 0,
+    }
+    # no prepare.json: the originals are unknown, so no end-to-end run and no headline row of it
+    assert metrics["end_to_end"] is None
+    assert "prepare.json" in metrics["not_available"]["end_to_end"]
+    assert {r["mode"] for r in metrics["headline"]["rows"]} == {"true_crops"}
     assert metrics["failures"][0]["sample_id"] == "case_P3/xray_02_left"
     assert "no such sample file" in metrics["failures"][0]["error"]
     pairs = {(a["estimate"], a["reference"], a["level"]) for a in metrics["agreement"]}

@@ -23,6 +23,12 @@ from xbmd.evaluation.report import GALLERY_MAX_PNG_BYTES, write_report
 T_MEAN, T_SD = 0.942, 0.122
 SECTIONS = (
     "xbmd validation report",
+    "Headline: end to end and on true crops",
+    "End to end",
+    "Reproducibility by session",
+    "Robustness of the delivered file",
+    "Interval",
+    "Quality gate",
     "Agreement",
     "Diagnostic performance",
     "Decomposition",
@@ -60,6 +66,12 @@ def make_table(n_patients: int = 3, poses: int = 2, seed: int = 0) -> list[dict]
 
 
 def make_metrics() -> dict:
+    metrics = _make_metrics()
+    metrics["end_to_end"]["diagnostic"] = copy.deepcopy(metrics["diagnostic"])
+    return metrics
+
+
+def _make_metrics() -> dict:
     stats = {"groups": 6, "rms_cv_pct": 3.456, "rms_sd": 0.0271, "lsc": 0.0751, "unit": "g/cm2"}
     return {
         "xbmd_version": "0.1.0",
@@ -169,6 +181,193 @@ def make_metrics() -> dict:
             "jpeg_target": {"max_mean_abs_change_pct": 1.0, "min_quality": 50, "met": True},
         },
         "runtime_s": {"predict": 12.5, "total": 150.0},
+        **make_user_sections(),
+    }
+
+
+def make_user_sections() -> dict:
+    """The end-to-end sections of metrics.json: headline, end_to_end, sessions, whole-file
+    robustness, interval and gate (the shapes ``xbmd evaluate`` writes)."""
+    agree = {
+        "n": 11,
+        "pearson_r": 0.8123,
+        "pearson_ci95": [0.41, 0.95],
+        "icc_a1": 0.7789,
+        "mae": 0.0612,
+        "mae_pct": 7.65,
+        "bias": -0.0111,
+    }
+    precision = {"groups": 5, "rms_cv_pct": 2.345, "rms_sd": 0.0199, "lsc": 0.0551}
+    file_rows = [
+        {
+            "kind": kind,
+            "level": level,
+            "label": f"{kind} {level:g}",
+            "reference": "8-bit PNG" if kind == "jpeg" else "original file",
+            "n": 10,
+            "not_reported": 0,
+            "mean_abs_change_pct": change,
+            "p95_abs_change_pct": 3 * change,
+            "max_abs_change_pct": 4 * change,
+            "mean_change_pct": change,
+            "share_not_confident": 0.0,
+            "reference_confident": 10,
+            "turned_not_confident": 1 if level == 50 else 0,
+            "category_changed": 0,
+            **({"target_met": change <= 0.5} if kind == "jpeg" else {}),
+        }
+        for kind, level, change in (
+            ("png8", 8, 0.05),
+            ("jpeg", 95, 0.3),
+            ("jpeg", 50, 1.7),
+            ("spacing", -10, 4.0),
+            ("spacing", 10, 3.0),
+        )
+    ]
+    return {
+        "headline": {
+            "estimate": "bmd_g_cm2",
+            "reference": "ct_abmd_g_cm2",
+            "rows": [
+                {"mode": "end_to_end", "level": "image", "expected": 12, "failures": 1, **agree},
+                {
+                    "mode": "true_crops",
+                    "level": "image",
+                    "expected": 12,
+                    "failures": 0,
+                    **agree,
+                    "n": 12,
+                    "pearson_r": 0.9012,
+                },
+            ],
+        },
+        "end_to_end": {
+            "radiographs_root": "cohort",
+            "counts": {
+                "radiographs": 6,
+                "hips_expected": 12,
+                "hips_reported": 11,
+                "implant_hips": 0,
+                "failed": 1,
+                "unmatched": 1,
+            },
+            "agreement": [
+                {
+                    "estimate": "bmd_g_cm2",
+                    "reference": "ct_abmd_g_cm2",
+                    "unit": "g/cm2",
+                    "level": "image",
+                    **agree,
+                }
+            ],
+            "diagnostic": None,
+            "localisation": {
+                "n": 11,
+                "median_mm": 2.1,
+                "p95_mm": 5.5,
+                "max_mm": 12.5,
+                "flag_mm": 10.0,
+                "beyond_flag": 1,
+            },
+            "failures": [
+                {
+                    "sample_id": "p1/x_right",
+                    "xray": "p1/x.dcm",
+                    "side": "right",
+                    "implant": "",
+                    "stage": "estimate",
+                    "error": "no femoral head found <here>",
+                }
+            ],
+            "unmatched": [
+                {"xray": "p2/x.dcm", "side": "left", "bmd_g_cm2": 0.7712, "reason": "no row"}
+            ],
+        },
+        "sessions": {
+            "estimate": "bmd_g_cm2",
+            "unit": "g/cm2",
+            "modes": {
+                "end_to_end": {
+                    "images": 12,
+                    "images_without_study": 0,
+                    "hips": 6,
+                    "sessions": 12,
+                    "same_session": {**precision, "target_rms_cv_pct": 2.0, "met": False},
+                    "cross_device": {
+                        **precision,
+                        "rms_cv_pct": 3.21,
+                        "target_rms_cv_pct": 4.0,
+                        "met": True,
+                    },
+                    "all_images": precision,
+                }
+            },
+            "published_rms_cv_pct": [3.27, 3.79],
+            "dxa_total_hip_precision_pct": [1.0, 2.0],
+        },
+        "whole_file_robustness": {
+            "estimate": "bmd_g_cm2",
+            "radiographs": 5,
+            "radiographs_available": 6,
+            "hips": 10,
+            "rows": file_rows,
+            "jpeg_target": {
+                "max_mean_abs_change_pct": 0.5,
+                "max_p95_abs_change_pct": 1.5,
+                "min_quality": 50,
+                "met": False,
+            },
+        },
+        "interval": {
+            "reference": "ct_abmd_g_cm2",
+            "hips": 11,
+            "with_interval": 11,
+            "compared": 11,
+            "coverage": 0.9091,
+            "below": 0.0,
+            "above": 0.0909,
+            "median_width_g_cm2": 0.2345,
+            "mean_width_g_cm2": 0.24,
+            "median_width_t": 1.92,
+            "confident_compared": 10,
+            "confident_coverage": 0.9,
+            "target_coverage": [0.93, 0.97],
+            "met": False,
+        },
+        "gate": {
+            "implant": {
+                "hips": 2,
+                "reported": 2,
+                "flagged": 1,
+                "refused": 0,
+                "share_flagged_or_refused": 0.5,
+                "target": 1.0,
+                "met": False,
+            },
+            "clean": {
+                "hips": 11,
+                "reported": 11,
+                "refused": 0,
+                "flagged": 0,
+                "share_flagged": 0.0,
+                "target_max": 0.02,
+                "met": True,
+            },
+            "ood": {
+                "hips_scored": 13,
+                "above_threshold": 1,
+                "share_above": 0.0769,
+                "clean": {"hips_scored": 11, "share_above": 0.0},
+                "implant": {"hips_scored": 2, "share_above": 0.5},
+            },
+            "reasons": [
+                {"reason": "implant in the hip", "hips": 1, "example": "implant in the hip"}
+            ],
+            "not_confident_without_reason": 0,
+            "by_manufacturer": [
+                {"manufacturer": "Tern", "hips": 11, "share_flagged": 0.0, "share_ood": 0.0}
+            ],
+        },
     }
 
 
@@ -198,7 +397,7 @@ def make_gallery(side_px: int = 64) -> list[dict]:
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
-    path = write_report(out, make_metrics(), make_table(), make_gallery())
+    path = write_report(out, make_metrics(), make_table(), make_gallery(), make_table(seed=5))
     return path, path.read_text(encoding="utf-8")
 
 
@@ -207,7 +406,9 @@ def test_report_has_every_section_and_only_embedded_images(full_report):
     assert path.name == "report.html"
     for heading in SECTIONS:
         assert re.search(rf"<h[12]>{re.escape(heading)}", page), heading
-    assert page.count('src="data:image/png;base64,') == 7  # 4 plots + 3 gallery rows
+    # 4 true-crop plots + 3 gallery rows + 2 end-to-end plots + the whole-file plot
+    assert page.count('src="data:image/png;base64,') == 10
+    assert page.index("Headline") < page.index("End to end") < page.index("Part 2: true crops")
     assert 'src="http' not in page and "href=" not in page
     assert "<script" not in page and "<link" not in page and "url(" not in page
     assert "not available" not in page
@@ -218,6 +419,9 @@ def test_figures_are_valid_pngs(full_report):
     names = sorted(p.stem for p in (path.parent / "figures").glob("*.png"))
     assert names == [
         "bland_altman",
+        "e2e_bland_altman",
+        "e2e_scatter",
+        "file_robustness",
         "gallery_1_best",
         "gallery_2_median",
         "gallery_3_worst",
@@ -249,6 +453,25 @@ def test_key_numbers_are_formatted_with_units(full_report):
     assert "150.0 s (2.5 min)" in page
 
 
+def test_end_to_end_sections_show_their_numbers(full_report):
+    _, page = full_report
+    headline = re.search(r"Headline.*?</table>", page, re.S).group(0)
+    assert "0.812 [0.410 to 0.950]" in headline and "0.901" in headline  # both modes
+    assert "end to end (whole radiograph" in headline and "true crops (the model" in headline
+    assert "no femoral head found &lt;here&gt;" in page  # failures listed, escaped
+    assert "Failures: hips not reported (1)" in page and "0.771" in page  # unmatched hip
+    assert "median 2.10 mm" in page and "1 beyond 10 mm" in page  # localiser
+    sessions = re.search(r"Reproducibility by session.*?</table>", page, re.S).group(0)
+    assert "2.35 %" in sessions and "3.21 %" in sessions and "0.055 g/cm2" in sessions
+    assert "&le; 2.0 %: <b>missed</b>" in sessions and "&le; 4.0 %: met" in sessions
+    delivered = re.search(r"Robustness of the delivered file.*?</table>", page, re.S).group(0)
+    assert "1.70 %" in delivered and "5.10 %" in delivered and "1 of 10" in delivered
+    assert "90.9 % (target 93.0 % to 97.0 %: <b>missed</b>)" in page  # interval coverage
+    assert "0.234 g/cm2" in page and "<td>1.92</td>" in page  # widths
+    assert "1 + 0 of 2 = 50.0 %" in page and "0 of 11 = 0.0 %" in page  # gate
+    assert "7.7 % of 13" in page  # out-of-distribution share
+
+
 def test_nan_and_none_print_as_na(full_report):
     _, page = full_report
     row = re.search(r"<td class=\"t\">low bone mass</td>.*?</tr>", page).group(0)
@@ -269,7 +492,8 @@ def test_html_special_characters_are_escaped(full_report):
 
 def test_missing_sections_say_not_available(tmp_path):
     metrics = make_metrics()
-    for key in ("diagnostic", "decomposition", "reproducibility", "robustness"):
+    for key in ("diagnostic", "decomposition", "reproducibility", "robustness", "end_to_end",
+                "sessions", "whole_file_robustness", "interval", "gate"):  # fmt: skip
         metrics[key] = None
     del metrics["runtime_s"]
     metrics["agreement"][0]["pearson_r"] = float("nan")
@@ -277,7 +501,7 @@ def test_missing_sections_say_not_available(tmp_path):
     page = write_report(tmp_path, metrics, make_table(), []).read_text(encoding="utf-8")
     for heading in SECTIONS:
         assert heading in page
-    assert page.count('class="na">not available: ') == 5  # 4 sections + empty gallery
+    assert page.count('class="na">not available: ') == 10  # 9 sections + empty gallery
     assert "n/a [0.710 to 0.975]" in page
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert figures == ["bland_altman.png", "scatter.png"]
@@ -292,7 +516,7 @@ def test_reason_override_and_stale_figures_removed(tmp_path):
     assert "not available: skipped: --no-robustness &lt;given&gt;" in page
     assert "needs reference T-scores" not in page
     figures = sorted(p.stem for p in (tmp_path / "figures").iterdir())
-    assert figures == ["bland_altman", "pose_spread", "scatter"]
+    assert figures == ["bland_altman", "file_robustness", "pose_spread", "scatter"]
 
 
 def test_too_few_pairs_skip_the_plots(tmp_path):

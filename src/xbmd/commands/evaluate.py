@@ -12,15 +12,21 @@ from xbmd.commands._common import user_errors
 
 HELP = (
     "Validate a model on a dataset written by `xbmd prepare` (or existing estimates in a CSV "
-    "with patient_id, est_<name> and ref_<name> columns): agreement with every reference "
-    "present (Pearson r with 95 % CI, ICC(2,1), MAE, RMSE, Bland-Altman), per image and per "
-    "hip; osteoporosis and low-bone-mass detection at the WHO thresholds (AUC, sensitivity, "
-    "specificity, confusion matrices); PSNR, SSIM and gradient correlation of the virtual X-ray; "
-    "reproducibility across each hip's images (RMS-CV, LSC); and the change of the estimate "
-    "after JPEG compression, exposure, gamma and noise. Writes REPORT/report.html "
-    "(self-contained), metrics.json, predictions.csv and figures/. Exit code 0 when every "
-    "sample was evaluated, 2 when some could not be read (listed in metrics.json), 1 on "
-    "unusable input."
+    "with patient_id, est_<name> and ref_<name> columns). End to end first, as users get it: "
+    "the estimator (localiser included) on the dataset's original whole radiographs, found "
+    "through prepare.json's manifest (on by default when they are all found), each hip matched "
+    "to its index row, hips not reported listed as failures; then on the true crops (the model "
+    "alone). Reports agreement with every reference (Pearson r with 95 % CI, ICC(2,1), MAE, "
+    "RMSE, Bland-Altman) per image and per hip, both side by side; WHO-threshold diagnostics; "
+    "PSNR, SSIM and gradient correlation of the virtual X-ray; same-session (pose) and "
+    "cross-device (session) RMS-CV with LSC; robustness of the delivered file (whole-radiograph "
+    "JPEG as .jpg and inside the DICOM, 8-bit export, resizing, pixel spacing +-5/10/15 %) and of "
+    "the crop (JPEG, exposure, gamma, noise); the 95 % interval's coverage and width; the quality "
+    "gate on implant and clean hips and the out-of-distribution share. Writes "
+    "REPORT/report.html (self-contained), metrics.json, predictions.csv, "
+    "predictions_end_to_end.csv and figures/. Exit code 0 when every input was read, 2 when some "
+    "sample or original radiograph could not be read (listed in metrics.json), 1 on unusable "
+    "input."
 )
 
 
@@ -54,6 +60,32 @@ def main(
         help="Comma list of: pose (reproducibility), jpeg, exposure, gamma, noise; 'none' for "
         "none.",
     ),
+    end_to_end: bool | None = typer.Option(
+        None,
+        "--end-to-end/--no-end-to-end",
+        help="Run the estimator on the original whole radiographs (default: when every one is "
+        "found; --end-to-end insists and lists missing ones as failures).",
+        show_default=False,
+    ),
+    radiographs: Path | None = typer.Option(
+        None,
+        "--radiographs",
+        help="Folder the index's xray paths are relative to (default: the folder of the "
+        "manifest named in the dataset's prepare.json).",
+    ),
+    file_robustness: str = typer.Option(
+        "png8,jpeg,dicom8,dicom_jpeg,resize,spacing",
+        "--file-robustness",
+        help="Comma list of whole-file tests (end to end): png8, jpeg (.jpg q95/85/75/50 against "
+        "png8), dicom8, dicom_jpeg (JPEG inside the DICOM against dicom8), resize (x0.5), "
+        "spacing (+-5/10/15 %); 'none' for none.",
+    ),
+    robustness_images: int = typer.Option(
+        20,
+        "--robustness-images",
+        min=0,
+        help="Radiographs re-encoded for the whole-file tests (evenly spread; 0: none).",
+    ),
     batch: int = typer.Option(16, "--batch", min=1, help="Hips per model call."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -67,7 +99,10 @@ def main(
             raise InputError("--predictions replaces --dataset and --model; give one or the other")
         if predictions is None and dataset is None:
             raise InputError("give --dataset (a folder written by xbmd prepare) or --predictions")
-        kinds = [k.strip() for k in robustness.split(",") if k.strip() and k.strip() != "none"]
+        kinds = _comma_list(robustness)
+        file_kinds = _comma_list(file_robustness.replace("-", "_"))
+        if predictions is not None and end_to_end:
+            raise InputError("--end-to-end needs --dataset (the radiographs), not --predictions")
 
         def bar(items):
             return tqdm(items, disable=not progress, file=sys.stderr, leave=False)
@@ -79,6 +114,10 @@ def main(
             predictions=predictions,
             target=target.value,
             robustness=kinds,
+            end_to_end=end_to_end,
+            radiographs=radiographs,
+            file_robustness=file_kinds,
+            robustness_images=robustness_images,
             batch=batch,
             command="xbmd evaluate " + " ".join(sys.argv[2:]),
             progress=bar,
@@ -86,9 +125,21 @@ def main(
     for line in summary_lines(metrics):
         typer.echo(line)
     typer.echo(f"report: {out / 'report.html'}   metrics: {out / 'metrics.json'}")
-    if metrics["failures"]:
-        typer.echo(f"{len(metrics['failures'])} samples could not be read (metrics.json)", err=True)
+    unreadable = len(metrics["failures"])
+    e2e = metrics.get("end_to_end") or {}
+    missing = sum(1 for f in e2e.get("failures") or [] if f.get("stage") == "read")
+    if unreadable:
+        typer.echo(f"{unreadable} samples could not be read (metrics.json)", err=True)
+    if missing:
+        typer.echo(
+            f"{missing} hips' original radiographs could not be read (metrics.json)", err=True
+        )
+    if unreadable or missing:
         raise typer.Exit(code=2)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
 
 
 def summary_lines(metrics: dict) -> list[str]:
@@ -98,7 +149,24 @@ def summary_lines(metrics: dict) -> list[str]:
         return "n/a" if value is None else format(value, fmt)
 
     c = metrics["counts"]
-    lines = [f"{c['images']} images, {c['hips']} hips, {c['patients']} patients"]
+    lines = []
+    head = metrics.get("headline") or {}
+    for a in head.get("rows") or []:
+        lines.append(
+            f"{a['mode']} ({a['level']}, n={a['n']}): {head['estimate']} vs {head['reference']}: "
+            f"r {f(a.get('pearson_r'), '.3f')}, ICC {f(a.get('icc_a1'), '.3f')}, "
+            f"MAE {f(a.get('mae'), '.4g')} ({f(a.get('mae_pct'), '.1f')} %)"
+            + (f", {a['failures']} failures" if a["level"] == "image" and a["failures"] else "")
+        )
+    e2e = metrics.get("end_to_end")
+    if e2e:
+        e = e2e["counts"]
+        lines.append(
+            f"end to end: {e['hips_reported']} of {e['hips_expected']} hips reported on "
+            f"{e['radiographs']} radiographs ({e['implant_hips']} with an implant)"
+        )
+    source = "true crops" if (metrics.get("source") or {}).get("model") else "predictions"
+    lines.append(f"{source}: {c['images']} images, {c['hips']} hips, {c['patients']} patients")
     for a in metrics["agreement"]:
         lines.append(
             f"{a['estimate']} vs {a['reference']} ({a['level']}, n={a['n']}): "
@@ -136,5 +204,42 @@ def summary_lines(metrics: dict) -> list[str]:
             lines.append(
                 f"JPEG target (mean |change| <= 1 % at quality >= 50): {'met' if met else 'MISSED'}"
             )
+    lines += _user_lines(metrics, f)
     lines.append(f"run time {metrics['runtime_s'].get('total', 0):.1f} s")
+    return lines
+
+
+def _user_lines(metrics: dict, f) -> list[str]:
+    """Sessions, whole-file robustness, interval and gate, one line each."""
+    lines = []
+    sessions = metrics.get("sessions") or {}
+    for mode, block in (sessions.get("modes") or {}).items():
+        s, x = block["same_session"], block["cross_device"]
+        lines.append(
+            f"{mode}: same-session RMS-CV {f(s['rms_cv_pct'], '.2f')} % "
+            f"(LSC {f(s['lsc'], '.3g')} {sessions['unit']}), cross-device "
+            f"{f(x['rms_cv_pct'], '.2f')} % (LSC {f(x['lsc'], '.3g')})"
+        )
+    whole = metrics.get("whole_file_robustness") or {}
+    for r in whole.get("rows") or []:
+        lines.append(
+            f"file {r['label']} (vs {r['reference']}): mean |change| "
+            f"{f(r['mean_abs_change_pct'], '.2f')} %, p95 {f(r['p95_abs_change_pct'], '.2f')} %, "
+            f"signed {f(r['mean_change_pct'], '+.2f')} %, {r['turned_not_confident']} turned not "
+            "confident"
+        )
+    interval = metrics.get("interval")
+    if interval:
+        lines.append(
+            f"interval: coverage {f(interval['coverage'], '.1%')} over {interval['compared']} "
+            f"hips, median width {f(interval['median_width_g_cm2'], '.3f')} g/cm2"
+        )
+    gate = metrics.get("gate") or {}
+    if gate.get("implant"):
+        lines.append(
+            f"gate: implant hips flagged or refused "
+            f"{f(gate['implant']['share_flagged_or_refused'], '.0%')}"
+        )
+    if gate.get("clean"):
+        lines.append(f"gate: clean hips wrongly flagged {f(gate['clean']['share_flagged'], '.1%')}")
     return lines

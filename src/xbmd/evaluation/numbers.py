@@ -18,6 +18,9 @@ ROBUSTNESS_KINDS = {
     "exposure": "exposure gradient across the crop (%)",
     "gamma": "gamma",
     "noise": "noise SD (% of the intensity window)",
+    "dicom_jpeg": "JPEG quality (inside the DICOM)",
+    "spacing": "pixel spacing error (%)",
+    "resize": "resize factor",
 }
 
 

@@ -219,12 +219,14 @@ def _kinds_in_order(rows: Sequence[dict]) -> list[str]:
 
 
 def robustness_plot(rows: Sequence[dict], jpeg_target: dict | None = None) -> Figure:
-    """One panel per perturbation kind: mean and 95th-percentile |change| of the estimate, %.
+    """One panel per perturbation kind: mean and 95th-percentile |change| of the estimate, %,
+    and the signed mean change when the rows have it (``mean_change_pct``).
 
     ``rows`` are the metrics' robustness rows (``kind``, ``level``, ``mean_abs_change_pct``,
-    ``p95_abs_change_pct``). The JPEG panel runs from high to low quality (degradation to the
-    right) and shows the target (``jpeg_target``: ``max_mean_abs_change_pct`` dashed horizontal,
-    ``min_quality`` dotted vertical). Raises :class:`TooFewValuesError` with no rows.
+    ``p95_abs_change_pct``). The JPEG panels (``jpeg``, ``dicom_jpeg``) run from high to low
+    quality (degradation to the right) and show the target (``jpeg_target``:
+    ``max_mean_abs_change_pct`` dashed and, if given, ``max_p95_abs_change_pct`` dash-dotted
+    horizontal, ``min_quality`` dotted vertical). Raises :class:`TooFewValuesError` with no rows.
     """
     if not rows:
         raise TooFewValuesError("no robustness rows")
@@ -241,7 +243,7 @@ def robustness_plot(rows: Sequence[dict], jpeg_target: dict | None = None) -> Fi
         legend.values(),
         legend.keys(),
         loc="outside lower center",
-        ncol=len(legend),
+        ncol=min(len(legend), 2 * len(kinds)),  # a narrow figure takes two rows of entries
         fontsize=8,
         frameon=False,
     )
@@ -249,18 +251,13 @@ def robustness_plot(rows: Sequence[dict], jpeg_target: dict | None = None) -> Fi
 
 
 def _robustness_panel(ax, kind: str, rows: Sequence[dict], jpeg_target: dict | None) -> None:
+    keys = ("mean_abs_change_pct", "p95_abs_change_pct", "mean_change_pct")
     points = sorted(
-        (
-            float(r["level"]),
-            *(
-                float(r[k]) if _finite(r.get(k)) else np.nan
-                for k in ("mean_abs_change_pct", "p95_abs_change_pct")
-            ),
-        )
+        (float(r["level"]), *(float(r[k]) if _finite(r.get(k)) else np.nan for k in keys))
         for r in rows
         if _finite(r.get("level"))
     )
-    values = np.array(points, dtype=float).reshape(-1, 3)
+    values = np.array(points, dtype=float).reshape(-1, 4)
     ax.plot(values[:, 0], values[:, 1], "o-", color="tab:blue", ms=4, label="mean |change|")
     ax.plot(
         values[:, 0],
@@ -270,18 +267,27 @@ def _robustness_panel(ax, kind: str, rows: Sequence[dict], jpeg_target: dict | N
         ms=4,
         label="95th percentile |change|",
     )
-    if kind == "jpeg":
+    if np.isfinite(values[:, 3]).any():
+        ax.plot(
+            values[:, 0], values[:, 3], "^:", color="tab:green", ms=4, label="mean change (signed)"
+        )
+        ax.axhline(0, color="0.6", lw=0.6)
+    if kind in ("jpeg", "dicom_jpeg"):
         ax.invert_xaxis()
         target = jpeg_target or {}
         if _finite(target.get("max_mean_abs_change_pct")):
             limit = float(target["max_mean_abs_change_pct"])
             ax.axhline(limit, color="tab:red", ls="--", lw=1, label=f"JPEG target {limit:g} %")
+        if _finite(target.get("max_p95_abs_change_pct")):
+            limit = float(target["max_p95_abs_change_pct"])
+            ax.axhline(limit, color="tab:red", ls="-.", lw=1, label=f"JPEG p95 target {limit:g} %")
         if _finite(target.get("min_quality")):
             quality = float(target["min_quality"])
             ax.axvline(quality, color="tab:red", ls=":", lw=1, label=f"JPEG quality {quality:g}")
     ax.set_xlabel(ROBUSTNESS_KINDS.get(kind, kind))
     ax.set_title(kind, fontsize=10)
-    ax.set_ylim(bottom=0)
+    low = np.nanmin(values[:, 3]) if np.isfinite(values[:, 3]).any() else 0.0
+    ax.set_ylim(bottom=min(0.0, 1.15 * float(low)))
     ax.grid(alpha=0.25)
 
 

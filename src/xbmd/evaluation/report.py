@@ -1,17 +1,23 @@
 """The validation report of ``xbmd evaluate``: one self-contained HTML page plus its figures.
 
-``xbmd evaluate`` computes every number (``metrics``, also written as metrics.json), a per-image
-``table`` and a small ``gallery``; :func:`write_report` only lays them out:
+``xbmd evaluate`` computes every number (``metrics``, also written as metrics.json), per-image
+tables (true crops and end to end) and a small ``gallery``; :func:`write_report` only lays them
+out:
 
 1. header: what was evaluated, counts, version, date, command line, run time;
-2. agreement of the BMD estimate with its reference (table of every estimate/reference/level, a
-   scatter plot and a Bland-Altman plot of the primary pair per image);
-3. diagnostic performance of the estimated T-score (AUC, sensitivity, specificity, confusion
-   matrices, WHO 3x3 table);
-4. decomposition: predicted proximal-femur DRR against the reference DRR (PSNR, SSIM, ...);
-5. reproducibility over poses (RMS-CV, RMS-SD, least significant change; per-hip spread plot);
-6. robustness to JPEG, exposure, gamma and noise (table, plot, whether the JPEG target is met);
-7. gallery of the best, median and worst images (X-ray, reference DRR, prediction, error map).
+2. headline: the primary pair end to end and on true crops, side by side
+   (``xbmd.evaluation.report_sections``);
+3. part 1, end to end: agreement, scatter and Bland-Altman plots, diagnostics, the localiser's
+   error, failures; reproducibility by session; robustness of the delivered file; the interval;
+   the quality gate;
+4. part 2, true crops (or the predictions CSV): agreement of the BMD estimate with its reference
+   (table of every estimate/reference/level, a scatter plot and a Bland-Altman plot of the
+   primary pair per image); diagnostic performance of the estimated T-score (AUC, sensitivity,
+   specificity, confusion matrices, WHO 3x3 table); decomposition: predicted proximal-femur DRR
+   against the reference DRR (PSNR, SSIM, ...); reproducibility over poses (RMS-CV, RMS-SD,
+   least significant change; per-hip spread plot); robustness to JPEG, exposure, gamma and noise
+   of the crop (table, plot, whether the JPEG target is met); gallery of the best, median and
+   worst images (X-ray, reference DRR, prediction, error map).
 
 The page has no external links, styles, scripts or fonts: every figure is an inline base64 PNG,
 so the file can be mailed or archived as it is. The same figures are written as PNG files under
@@ -22,20 +28,20 @@ objects rendered by Agg, never registered with pyplot, so nothing accumulates ac
 
 from __future__ import annotations
 
-import base64
-import html
-import io
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 
+from xbmd.evaluation import report_sections as sections
+from xbmd.evaluation.html_parts import embed as _embed
+from xbmd.evaluation.html_parts import esc as _e
+from xbmd.evaluation.html_parts import html_table as _table
+from xbmd.evaluation.html_parts import not_available as _not_available
+from xbmd.evaluation.html_parts import pct_of_one
+from xbmd.evaluation.html_parts import plot_or_reason as _plot_or_reason
 from xbmd.evaluation.numbers import (
-    DPI,
-    TooFewValuesError,
     _finite,
     fmt_int,
     fmt_number,
@@ -55,21 +61,33 @@ from xbmd.evaluation.plots import (
 #: Largest gallery PNG, bytes: noisy radiographs compress badly, so a bigger row is redrawn at a
 #: lower resolution (three rows then stay under ~0.9 MB of base64).
 GALLERY_MAX_PNG_BYTES = 220_000
-#: Lowest resolution a gallery row is redrawn at, dots per inch.
-GALLERY_MIN_DPI = 50
 #: Figures written under figures/, besides gallery_<n>_<label>.png.
-FIGURE_NAMES = ("scatter", "bland_altman", "pose_spread", "robustness")
+FIGURE_NAMES = (
+    "scatter",
+    "bland_altman",
+    "pose_spread",
+    "robustness",
+    "e2e_scatter",
+    "e2e_bland_altman",
+    "file_robustness",
+)
 #: Why a section is missing, unless metrics["not_available"][section] says otherwise.
 MISSING_REASONS = {
     "diagnostic": "not computed in this evaluation (needs reference T-scores)",
     "decomposition": "not computed in this evaluation (needs reference DRRs)",
     "reproducibility": "not computed in this evaluation (needs hips imaged in two or more poses)",
     "robustness": "not computed in this evaluation (robustness run not asked for)",
+    "end_to_end": "not computed in this evaluation",
+    "sessions": "not computed in this evaluation (needs study UIDs)",
+    "whole_file_robustness": "not computed in this evaluation",
+    "interval": "not computed in this evaluation",
+    "gate": "not computed in this evaluation",
 }
 _CSS = """
 body { font-family: sans-serif; max-width: 1150px; margin: 1.5em auto; padding: 0 1em;
        color: #222; line-height: 1.4; }
 h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; margin-top: 1.8em; }
+h1.part { font-size: 1.35em; margin-top: 2.2em; color: #234; }
 table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
 th { background: #f0f0f0; } td.t, th.t { text-align: left; }
@@ -82,66 +100,6 @@ figcaption { font-size: 0.85em; color: #555; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 2px 1em; font-size: 0.9em; }
 dt { font-weight: bold; } dd { margin: 0; }
 """
-
-
-def _e(value) -> str:
-    """HTML-escaped text of anything (None -> "n/a")."""
-    return "n/a" if value is None else html.escape(str(value), quote=True)
-
-
-def _not_available(reason: str) -> str:
-    return f'<p class="na">not available: {_e(reason)}</p>'
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1, classes=()) -> str:
-    """An HTML table of already escaped cells; the first ``left`` columns are left-aligned."""
-
-    def cells(tag: str, row: Sequence[str]) -> str:
-        return "".join(
-            f'<{tag} class="t">{c}</{tag}>' if i < left else f"<{tag}>{c}</{tag}>"
-            for i, c in enumerate(row)
-        )
-
-    classes = list(classes) + [""] * (len(rows) - len(classes))
-    body = "".join(
-        f'<tr class="{cls}">{cells("td", row)}</tr>' if cls else f"<tr>{cells('td', row)}</tr>"
-        for row, cls in zip(rows, classes, strict=True)
-    )
-    return f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _png_bytes(fig: Figure, max_bytes: int | None = None) -> bytes:
-    """``fig`` as PNG at :data:`DPI`, redrawn at a lower resolution if larger than ``max_bytes``."""
-    dpi = DPI
-    while True:
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=dpi)
-        png = buffer.getvalue()
-        if max_bytes is None or len(png) <= max_bytes or dpi <= GALLERY_MIN_DPI:
-            return png
-        # PNG size goes with the pixel count, i.e. with dpi squared.
-        dpi = max(GALLERY_MIN_DPI, int(dpi * math.sqrt(max_bytes / len(png)) * 0.95))
-
-
-def _embed(
-    fig: Figure, figures_dir: Path, name: str, caption: str = "", max_bytes: int | None = None
-) -> str:
-    """Save ``fig`` as figures_dir/<name>.png and return a <figure> with the same PNG inline."""
-    png = _png_bytes(fig, max_bytes)
-    fig.clear()
-    (figures_dir / f"{name}.png").write_bytes(png)
-    data = base64.b64encode(png).decode("ascii")
-    text = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{_e(name)}" src="data:image/png;base64,{data}">{text}</figure>'
-
-
-def _plot_or_reason(make, figures_dir: Path, name: str, caption: str = "") -> str:
-    """The embedded figure ``make()`` draws, or a "not available" line if data are too few."""
-    try:
-        fig = make()
-    except TooFewValuesError as error:
-        return _not_available(f"{name}: {error}")
-    return _embed(fig, figures_dir, name, caption)
 
 
 # --------------------------------------------------------------------------- sections
@@ -176,9 +134,20 @@ def _header(metrics: dict) -> str:
     )
 
 
-def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) -> str:
-    parts = ["<h2>Agreement</h2>"]
-    rows = metrics.get("agreement")
+def _agreement_section(
+    metrics: dict,
+    table: Sequence[dict],
+    figures_dir: Path,
+    rows: Sequence[dict] | None = None,
+    title: str = "<h2>Agreement</h2>",
+    prefix: str = "",
+    estimate_label: str | None = None,
+) -> str:
+    """Agreement table, scatter and Bland-Altman plots (figures ``<prefix>scatter`` and
+    ``<prefix>bland_altman``); ``rows`` default to ``metrics["agreement"]``;
+    ``estimate_label`` names the primary estimate (default: the target's)."""
+    parts = [title]
+    rows = metrics.get("agreement") if rows is None else rows
     target = metrics.get("target") or {}
     if not rows:
         parts.append(_not_available("no agreement rows"))
@@ -188,9 +157,8 @@ def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) 
     est = [row.get("estimate") for row in table]
     ref = [row.get("reference") for row in table]
     label = target.get("label") or target.get("reference") or "reference"
-    parts.append(
-        f"<p>Primary pair per image: {_e(target.get('estimate'))} against {_e(label)}.</p>"
-    )
+    estimate_label = estimate_label or str(target.get("estimate", "estimate"))
+    parts.append(f"<p>Primary pair per image: {_e(estimate_label)} against {_e(label)}.</p>")
     thresholds = bmd_at_t_thresholds(table)
     parts.append(
         _plot_or_reason(
@@ -198,12 +166,12 @@ def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) 
                 est,
                 ref,
                 unit,
-                estimate_label=str(target.get("estimate", "estimate")),
+                estimate_label=estimate_label,
                 reference_label=str(label),
                 thresholds=thresholds,
             ),
             figures_dir,
-            "scatter",
+            f"{prefix}scatter",
             "estimate against reference"
             + ("; dotted: WHO T-score thresholds" if thresholds else ""),
         )
@@ -212,7 +180,7 @@ def _agreement_section(metrics: dict, table: Sequence[dict], figures_dir: Path) 
         _plot_or_reason(
             lambda: bland_altman_plot(est, ref, unit),
             figures_dir,
-            "bland_altman",
+            f"{prefix}bland_altman",
             "difference against mean; limits of agreement = bias +/- 1.96 SD",
         )
     )
@@ -263,8 +231,10 @@ def _agreement_table(rows: Sequence[dict], target: dict) -> str:
     return _table(header, cells, left=3, classes=classes) + note
 
 
-def _diagnostic_section(diagnostic: dict | None, missing: str) -> str:
-    parts = ["<h2>Diagnostic performance</h2>"]
+def _diagnostic_section(
+    diagnostic: dict | None, missing: str, title: str = "<h2>Diagnostic performance</h2>"
+) -> str:
+    parts = [title]
     if not diagnostic:
         return parts[0] + _not_available(missing)
     parts.append(
@@ -294,19 +264,14 @@ def _diagnostic_section(diagnostic: dict | None, missing: str) -> str:
                 fmt_int(task.get("n")),
                 fmt_int(task.get("n_positive")),
                 fmt_number(task.get("auc")),
-                _pct_of_one(task.get("sensitivity")),
-                _pct_of_one(task.get("specificity")),
+                pct_of_one(task.get("sensitivity")),
+                pct_of_one(task.get("specificity")),
                 *(fmt_int(confusion.get(k)) for k in ("tp", "fp", "tn", "fn")),
             ]
         )
     parts.append(_table(header, rows, left=2) if rows else _not_available("no tasks"))
     parts.append(_who_table(diagnostic.get("who")))
     return "".join(parts)
-
-
-def _pct_of_one(value) -> str:
-    """A proportion (0-1) as a percentage."""
-    return fmt_number(float(value) * 100, 1, "%") if _finite(value) else "n/a"
 
 
 def _who_table(who: dict | None) -> str:
@@ -465,16 +430,84 @@ def _gallery_section(gallery: Sequence[dict], figures_dir: Path, unit: str) -> s
     return "".join(parts)
 
 
+def _end_to_end_section(
+    metrics: dict, table: Sequence[dict], figures_dir: Path, missing: str
+) -> str:
+    title = "<h2>End to end</h2>"
+    block = metrics.get("end_to_end")
+    if not block:
+        return title + _not_available(missing)
+    c = block.get("counts") or {}
+    intro = (
+        f"<p>The estimator on {fmt_int(c.get('radiographs'))} original radiographs (under "
+        f"{_e(block.get('radiographs_root'))}): {fmt_int(c.get('hips_reported'))} of "
+        f"{fmt_int(c.get('hips_expected'))} hips of the index reported, "
+        f"{fmt_int(c.get('implant_hips'))} with an implant (left out of agreement), "
+        f"{fmt_int(c.get('failed'))} failures, {fmt_int(c.get('unmatched'))} reported hips with "
+        "no index row.</p>"
+    )
+    unmatched = block.get("unmatched") or []
+    return (
+        title
+        + intro
+        + _agreement_section(
+            metrics,
+            table,
+            figures_dir,
+            block.get("agreement") or [],
+            "",
+            prefix="e2e_",
+            estimate_label=f"{(metrics.get('headline') or {}).get('estimate', 'estimate')}, "
+            "end to end",
+        )
+        + _diagnostic_section(
+            block.get("diagnostic"),
+            "no total-hip areal BMD reference",
+            "<h3>Diagnostic performance, end to end</h3>",
+        )
+        + sections.localisation_line(block.get("localisation"))
+        + sections.failures_table(block.get("failures") or [])
+        + (
+            "<h3>Reported hips with no index row</h3>"
+            + _table(
+                ["radiograph", "side", "why", "bmd_g_cm2"],
+                [
+                    [
+                        _e(u.get("xray")),
+                        _e(u.get("side")),
+                        _e(u.get("reason")),
+                        fmt_number(u.get("bmd_g_cm2")),
+                    ]
+                    for u in unmatched
+                ],
+                left=3,
+            )
+            if unmatched
+            else ""
+        )
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
-def write_report(out_dir: Path, metrics: dict, table: list[dict], gallery: list[dict]) -> Path:
+def write_report(
+    out_dir: Path,
+    metrics: dict,
+    table: list[dict],
+    gallery: list[dict],
+    end_to_end_table: list[dict] | None = None,
+) -> Path:
     """Write out_dir/report.html (self-contained: every image embedded as base64 PNG, no external
     CSS/JS/fonts) and the same figures as PNG files under out_dir/figures/. Returns the html path.
 
     ``metrics``: the dict of ``xbmd evaluate`` (metrics.json); ``table``: one dict per image with
     at least ``hip``, ``estimate``, ``reference`` (primary pair, in ``metrics["target"]["unit"]``);
-    ``gallery``: 0-3 dicts for :func:`gallery_figure`.
+    ``gallery``: 0-3 dicts for :func:`gallery_figure`; ``end_to_end_table``: the same as
+    ``table`` for the end-to-end estimates. The page: header, headline, part 1 end to end
+    (agreement, sessions, delivered-file robustness, interval, gate), part 2 true crops (or the
+    predictions CSV: agreement, diagnostics, decomposition, pose reproducibility, crop
+    robustness, gallery).
     An optional ``metrics["not_available"]`` (section -> reason) replaces the default reasons
     (:data:`MISSING_REASONS`) printed for a section that is None. Figures this function wrote
     earlier in ``out_dir/figures`` are removed first, so none outlives a re-run.
@@ -490,9 +523,22 @@ def write_report(out_dir: Path, metrics: dict, table: list[dict], gallery: list[
             old.unlink()
     unit = (metrics.get("target") or {}).get("unit", "g/cm2")
     reasons = {**MISSING_REASONS, **(metrics.get("not_available") or {})}
+    second = "true crops" if (metrics.get("source") or {}).get("model") else "predictions CSV"
     body = "".join(
         [
             _header(metrics),
+            sections.headline_section(metrics.get("headline"), unit),
+            '<h1 class="part">Part 1: end to end, as users get it</h1>',
+            _end_to_end_section(
+                metrics, end_to_end_table or [], figures_dir, reasons["end_to_end"]
+            ),
+            sections.sessions_section(metrics.get("sessions"), reasons["sessions"]),
+            sections.whole_file_section(
+                metrics.get("whole_file_robustness"), reasons["whole_file_robustness"], figures_dir
+            ),
+            sections.interval_section(metrics.get("interval"), reasons["interval"]),
+            sections.gate_section(metrics.get("gate"), reasons["gate"]),
+            f'<h1 class="part">Part 2: {second}</h1>',
             _agreement_section(metrics, table, figures_dir),
             _diagnostic_section(metrics.get("diagnostic"), reasons["diagnostic"]),
             _decomposition_section(metrics.get("decomposition"), reasons["decomposition"]),
