@@ -70,11 +70,11 @@ def test_calibrate_model_needs_enough_hips_and_says_so(tiny_dataset, tmp_path):
     assert "calibration needs at least 20" in result.output and "Traceback" not in result.output
 
 
-def test_a_calibrated_model_gives_intervals_and_scores(tiny_dataset, tmp_path):
+def test_a_calibrated_model_gives_intervals_and_scores(tiny_cohort, tiny_dataset, tmp_path):
     """The bundled model calibrated on the tiny dataset (6 hips: the plumbing, not the figures):
     estimates then carry a 95 % interval around the estimate, a T-score interval, a feature
     score and its threshold, all in result.json."""
-    from xbmd.dataset.format import original_radiographs
+    from xbmd.dataset.format import read_index
     from xbmd.estimation.estimator import Estimator
     from xbmd.evaluation.calibrate import calibrate_model
 
@@ -82,7 +82,7 @@ def test_a_calibrated_model_gives_intervals_and_scores(tiny_dataset, tmp_path):
     assert summary["hips"] == 6 and summary["q"] > 0 and summary["ood_threshold"] > 0
     estimator = Estimator(tmp_path / "cal.pt")
     assert estimator.tta and estimator.model_info["interval"]
-    (r, *_) = estimator.estimate(original_radiographs(tiny_dataset)[0].path)
+    (r, *_) = estimator.estimate(tiny_cohort / read_index(tiny_dataset)[0]["xray"])
     lo, hi = r.bmd_interval_g_cm2
     assert lo < r.bmd_g_cm2 < hi and r.tta_sd_g_cm2 > 0
     t_lo, t_hi = r.t_score_interval

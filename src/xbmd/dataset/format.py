@@ -196,37 +196,6 @@ def read_summary(dataset: str | Path) -> dict:
         raise InputError(f"{path}: unreadable ({exc})") from None
 
 
-@dataclass
-class DatasetRadiograph:
-    """A radiograph of a dataset as it was delivered (the original file, through the manifest),
-    with the index rows of its hips ({side: row})."""
-
-    path: Path
-    rows: dict[str, dict]
-
-
-def original_radiographs(dataset: str | Path) -> list[DatasetRadiograph]:
-    """The original files of a dataset's radiographs, in index order, each with its rows: the
-    index's ``xray`` column is relative to the manifest's folder (``prepare.json``'s
-    ``manifest``). InputError when the manifest's folder is gone (a dataset moved without its
-    sources: end-to-end evaluation needs them)."""
-    dataset = Path(dataset)
-    rows = read_index(dataset)
-    manifest = read_summary(dataset).get("manifest")
-    root = Path(manifest).parent if manifest else None
-    if root is None or not root.is_dir():
-        raise InputError(
-            f"{dataset}: the original radiographs are not reachable (manifest {manifest}); "
-            "end-to-end evaluation reads them"
-        )
-    out: dict[str, DatasetRadiograph] = {}
-    for row in rows:
-        path = Path(row["xray"])
-        path = path if path.is_absolute() else root / path
-        out.setdefault(str(path), DatasetRadiograph(path, {})).rows[row["side"]] = row
-    return list(out.values())
-
-
 def index_row(doc: dict) -> dict:
     """One row of index.csv from a sample's sidecar JSON."""
     labels, reg = doc["labels"], doc["registration"]

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from xbmd import __version__
-from xbmd.dataset.format import has_implant, number, original_radiographs
+from xbmd.dataset.format import has_implant, number, read_index
 from xbmd.errors import InputError, XbmdError
 from xbmd.estimation.estimator import BMD_TARGET, Estimator
+from xbmd.evaluation.end_to_end import find_originals
 from xbmd.model.uncertainty import FeatureModel, Interval, uncertainty_state
 
 
@@ -41,16 +42,24 @@ def calibrate_model(
 
     estimator = Estimator(model, tta=True)
     bundle = estimator.bundle
-    radiographs = original_radiographs(dataset)
-    estimates, spreads, features, references, failures = [], [], [], [], []
-    for item in progress(radiographs) if progress else radiographs:
+    rows = read_index(dataset)
+    originals = find_originals(dataset, rows)
+    if originals.root is None or not originals.paths:
+        raise InputError(f"{dataset}: {originals.reason}; calibration runs on the radiographs")
+    by_xray: dict[str, dict] = {}
+    for row in rows:
+        by_xray.setdefault(row["xray"], {})[row["side"]] = row
+    failures = [{"image": name, "error": "not found"} for name in originals.missing]
+    estimates, spreads, features, references = [], [], [], []
+    items = list(originals.paths.items())
+    for name, path in progress(items) if progress else items:
         try:
-            results = estimator.estimate(item.path)
+            results = estimator.estimate(path)
         except XbmdError as exc:
-            failures.append({"image": str(item.path), "error": str(exc)})
+            failures.append({"image": str(path), "error": str(exc)})
             continue
         for r in results:
-            row = item.rows.get(r.side)
+            row = by_xray[name].get(r.side)
             if row is None or has_implant(row) or not np.isfinite(number(row.get(target))):
                 continue
             estimates.append(r.targets[BMD_TARGET])
