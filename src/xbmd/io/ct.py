@@ -171,6 +171,8 @@ def read_volume(path: str | Path, unit: str | None = None) -> Volume:
     image, meta = _read_image(path, modality=None)
     meta.pop("xbmd_unit", None)
     volume = volume_from_sitk(image, unit, source=str(path))
+    if not np.isfinite(volume.data).all():
+        raise InputError(f"{path}: contains NaN or infinite values")
     volume.meta.update(meta)
     return volume
 
@@ -347,6 +349,40 @@ def _check_nifti_header(path: Path) -> None:
             f"{path}: file is truncated: {found} bytes (uncompressed) of the {expected} its "
             "header describes"
         )
+    bad = _nifti_nonfinite_voxels(path, hdr, n_voxels)
+    if bad:
+        raise InputError(
+            f"{path}: contains NaN or infinite values ({bad} of {n_voxels} voxels); a CT, "
+            "label map or density volume must hold finite numbers"
+        )
+
+
+#: NIfTI datatype codes of floating-point voxels, and their numpy types.
+_NIFTI_FLOAT = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite_voxels(path: Path, hdr: dict, n_voxels: int) -> int:
+    """How many voxels of a floating-point NIfTI are NaN or infinite (0 for integer types).
+
+    ITK's NIfTI reader turns NaN and infinity into 0 without a word, so the stored values are
+    counted here, in chunks (the volume is not held twice in memory)."""
+    code = _NIFTI_FLOAT.get(hdr["datatype"])
+    if code is None:
+        return 0
+    dtype = np.dtype(code).newbyteorder(hdr["endianness"])
+    chunk = (1 << 22) * dtype.itemsize
+    bad = 0
+    left = n_voxels * dtype.itemsize
+    with _open_maybe_gzip(path) as f:
+        f.seek(int(hdr["vox_offset"]))
+        while left > 0:
+            raw = f.read(min(chunk, left))
+            if not raw:
+                break
+            raw = raw[: len(raw) - len(raw) % dtype.itemsize]
+            bad += int((~np.isfinite(np.frombuffer(raw, dtype=dtype))).sum())
+            left -= len(raw)
+    return bad
 
 
 def _nifti_raw_header(path: Path) -> dict:
@@ -361,8 +397,8 @@ def _nifti_raw_header(path: Path) -> dict:
     if kind is None or len(raw) < kind.template_dtype.itemsize:
         raise InputError(f"{path}: not a NIfTI file (header size is neither 348 nor 540 bytes)")
     hdr = kind.from_fileobj(io.BytesIO(raw), check=False)
-    fields = ("dim", "pixdim", "bitpix", "vox_offset", "qform_code", "sform_code")
-    return {name: hdr[name].tolist() for name in fields}
+    fields = ("dim", "pixdim", "bitpix", "vox_offset", "qform_code", "sform_code", "datatype")
+    return {name: hdr[name].tolist() for name in fields} | {"endianness": hdr.endianness}
 
 
 def _is_gzip(path: Path) -> bool:
