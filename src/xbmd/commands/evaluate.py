@@ -19,8 +19,9 @@ HELP = (
     "reproducibility across each hip's images (RMS-CV, LSC); and the change of the estimate "
     "after JPEG compression, exposure, gamma and noise. Writes REPORT/report.html "
     "(self-contained), metrics.json, predictions.csv and figures/. Exit code 0 when every "
-    "sample was evaluated, 2 when some could not be read (listed in metrics.json), 1 on "
-    "unusable input."
+    "sample was evaluated, 2 when some could not be read or some CSV cells are not numbers "
+    "(listed, left out, in metrics.json), 1 on unusable input (fewer than 3 usable rows "
+    "included)."
 )
 
 
@@ -85,9 +86,17 @@ def main(
         )
     for line in summary_lines(metrics):
         typer.echo(line)
+    for note in metrics.get("notes", []):
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"report: {out / 'report.html'}   metrics: {out / 'metrics.json'}")
-    if metrics["failures"]:
-        typer.echo(f"{len(metrics['failures'])} samples could not be read (metrics.json)", err=True)
+    failures = metrics["failures"]
+    if failures:
+        for failure in failures[:10]:
+            typer.echo(f"FAILED {failure['sample_id']}: {failure['error']}", err=True)
+        if len(failures) > 10:
+            typer.echo(f"... and {len(failures) - 10} more", err=True)
+        what = "samples could not be read" if dataset is not None else "cells are not numbers"
+        typer.echo(f"{len(failures)} {what}: left out of the statistics (metrics.json)", err=True)
         raise typer.Exit(code=2)
 
 

@@ -73,7 +73,10 @@ def main(
         from xbmd.registration.result import read_poses
         from xbmd.registration.scene import build_scene
         from xbmd.registration.xray import register_xray
+        from xbmd.stages import check_output_file
 
+        check_output_file(out, "poses JSON")
+        check_output_file(overlay or out.with_suffix(".png"), "overlay PNG")
         t0 = time.perf_counter()
         volume = read_ct(ct)
         lab = read_labels(labels, volume)

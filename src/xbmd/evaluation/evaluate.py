@@ -77,7 +77,9 @@ PERTURBATIONS = {
     "noise": (1, 2, 4, 8),  # Gaussian noise SD, % of the crop's intensity window
 }
 PUBLISHED_RMS_CV_PCT = [3.27, 3.79]  # Gu et al. 2023, multi-pose reproducibility
-DXA_TOTAL_HIP_PRECISION_PCT = [1.0, 2.0]  # a good DXA centre (method-notes)
+DXA_TOTAL_HIP_PRECISION_PCT = [1.0, 2.0]  # a good DXA centre (docs/method.md)
+#: Fewest (estimate, reference) pairs for agreement statistics (r, ICC, limits of agreement).
+MIN_PAIRS = 3
 JPEG_TARGET = {"max_mean_abs_change_pct": 1.0, "min_quality": 50}
 SETTINGS = {
     "icc": "ICC(2,1) (Shrout & Fleiss): two-way random effects, absolute agreement, single "
@@ -111,6 +113,9 @@ class Samples:
     estimates: dict[str, np.ndarray]
     references: dict[str, np.ndarray]
     units: dict[str, str] = field(default_factory=dict)
+    #: cells of a predictions CSV that are not numbers: {sample_id, error}, counted as missing
+    problems: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,41 +282,25 @@ def predict_dataset(
     )
 
 
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 # ------------------------------------------------------------------------------------------------
 # Estimates from a CSV
 
 
 def read_predictions(path: str | Path) -> Samples:
     """A predictions CSV: ``patient_id``, ``est_<name>`` and ``ref_<name>`` columns per hip image
-    (optional ``sample_id``, ``side``, ``sex``). Non-numeric cells count as missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such predictions file")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    if not rows:
-        raise InputError(f"{path}: no rows")
-    columns = set(rows[0])
-    est = sorted(c[4:] for c in columns if c.startswith("est_") and not c.endswith("_t"))
-    ref = sorted(c[4:] for c in columns if c.startswith("ref_") and not c.endswith("_t"))
-    if "patient_id" not in columns or not est or not ref:
-        raise InputError(
-            f"{path}: a predictions CSV needs patient_id, est_<name> and ref_<name> columns "
-            f"(found: {', '.join(sorted(columns))})"
-        )
+    (optional ``sample_id``, ``side``, ``sex``), read by
+    :func:`xbmd.evaluation.predictions_csv.read_table`: cells that are not numbers count as
+    missing and are listed in ``problems``; encoding, ragged rows, empty patient ids and mixed
+    decimal separators are refused."""
+    from xbmd.evaluation.predictions_csv import read_table
+
+    table = read_table(path)
     ids = []
-    for i, r in enumerate(rows):
+    for line, r in zip(table.lines, table.rows, strict=True):
         side = r.get("side", "")
         ids.append(
             {
-                "sample_id": r.get("sample_id") or f"row{i + 1}",
+                "sample_id": r.get("sample_id") or f"line{line}",
                 "patient_id": r["patient_id"],
                 "side": side,
                 "hip": f"{r['patient_id']}/{side}",
@@ -319,10 +308,32 @@ def read_predictions(path: str | Path) -> Samples:
                 "age_years": r.get("age_years", ""),
             }
         )
-    estimates = {n: np.array([_float(r[f"est_{n}"]) for r in rows]) for n in est}
-    references = {n: np.array([_float(r[f"ref_{n}"]) for r in rows]) for n in ref}
-    units = {n: ("mg/cm3" if n.endswith("mg_cm3") else "g/cm2") for n in [*est, *ref]}
-    return Samples(ids, estimates, references, units)
+    estimates = {n: np.array(table.numbers[f"est_{n}"]) for n in table.estimates}
+    references = {n: np.array(table.numbers[f"ref_{n}"]) for n in table.references}
+    units = {
+        n: ("mg/cm3" if n.endswith("mg_cm3") else "g/cm2")
+        for n in [*table.estimates, *table.references]
+    }
+    problems = [
+        {"sample_id": p["sample_id"], "error": f"line {p['line']}: {p['column']} {p['error']}"}
+        for p in table.problems
+    ]
+    return Samples(ids, estimates, references, units, problems, table.notes)
+
+
+def check_enough(samples: Samples, primary: tuple[str, str], source: str) -> None:
+    """InputError when fewer than 3 rows have both numbers of the primary pair: no statistic
+    (correlation, ICC, limits of agreement) can be computed."""
+    est, ref = primary
+    usable = np.isfinite(samples.estimates[est]) & np.isfinite(samples.references[ref])
+    n = int(usable.sum())
+    if n >= MIN_PAIRS:
+        return
+    why = f"; {len(samples.problems)} cell(s) were not numbers" if samples.problems else ""
+    raise InputError(
+        f"{source}: {n} of {len(samples.rows)} row(s) have both an estimate {est} and a "
+        f"reference {ref}{why}: agreement statistics need at least {MIN_PAIRS}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,7 +390,7 @@ def agreement_rows(samples: Samples) -> list[dict]:
             if level == "hip":
                 e, _ = _hip_means(samples.estimates[est], hips)
                 r, _ = _hip_means(samples.references[ref], hips)
-            if (np.isfinite(e) & np.isfinite(r)).sum() < 3:
+            if (np.isfinite(e) & np.isfinite(r)).sum() < MIN_PAIRS:
                 continue
             out.append(
                 {
@@ -639,7 +650,9 @@ def evaluate(
             f"unknown robustness test(s) {', '.join(unknown)}; choose from "
             f"{', '.join(ROBUSTNESS_KINDS)}"
         )
-    out = Path(out)
+    from xbmd.stages import check_output_folder
+
+    out = check_output_folder(Path(out))
     t0 = time.perf_counter()
     runtime = {}
     run = None
@@ -650,7 +663,9 @@ def evaluate(
         runtime["predict"] = time.perf_counter() - t0
     else:
         samples = read_predictions(predictions)
+        failures = list(samples.problems)
     primary = primary_pair(samples, target)
+    check_enough(samples, primary, str(predictions if dataset is None else dataset))
     reasons = {}
     diag, reasons["diagnostic"] = diagnostic_section(samples, primary)
     decomposition, reasons["decomposition"] = (
@@ -676,10 +691,11 @@ def evaluate(
         "created_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": command,
         "source": {
-            "model": None if run is None else run.bundle.source,
-            "dataset": None if dataset is None else str(dataset),
-            "predictions_csv": None if predictions is None else str(predictions),
+            "model": None if run is None else shown_path(run.bundle.source),
+            "dataset": None if dataset is None else shown_path(dataset),
+            "predictions_csv": None if predictions is None else shown_path(predictions),
         },
+        "notes": samples.notes,
         "target": {"estimate": primary[0], "reference": primary[1], "unit": unit, "label": label},
         "counts": {
             "images": len(samples.rows),
@@ -698,7 +714,6 @@ def evaluate(
         "runtime_s": runtime,
     }
     metrics = plain(metrics)
-    out.mkdir(parents=True, exist_ok=True)
     write_predictions(rows, out / "predictions.csv")
     t2 = time.perf_counter()
     write_report(out, metrics, rows, gallery(run, primary) if run else [])
@@ -707,6 +722,27 @@ def evaluate(
     metrics["runtime_s"] = plain(runtime)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics
+
+
+def shown_path(path) -> str | None:
+    """A path as the report shows it: relative to the working folder when inside it, the
+    package-relative name for a file shipped with xbmd (the bundled model), else the file's
+    name; never the absolute path of the machine the report was made on."""
+    if path is None:
+        return None
+    import xbmd
+
+    path = Path(str(path))
+    if not path.is_absolute():
+        return path.as_posix()
+    resolved = path.resolve()
+    package = Path(xbmd.__file__).resolve().parent
+    for root, prefix in ((Path.cwd().resolve(), ""), (package, "xbmd/")):
+        try:
+            return prefix + resolved.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return path.name
 
 
 def plain(value):
