@@ -81,7 +81,7 @@ def main(
             target=target.value,
             robustness=kinds,
             batch=batch,
-            command="xbmd evaluate " + " ".join(sys.argv[2:]),
+            command="xbmd evaluate " + " ".join(_shown_args(sys.argv[2:])),
             progress=bar,
         )
     for line in summary_lines(metrics):
@@ -98,6 +98,13 @@ def main(
         what = "samples could not be read" if dataset is not None else "cells are not numbers"
         typer.echo(f"{len(failures)} {what}: left out of the statistics (metrics.json)", err=True)
         raise typer.Exit(code=2)
+
+
+def _shown_args(args: list[str]) -> list[str]:
+    """The command line for the report, absolute paths shown as ``shown_path`` shows them."""
+    from xbmd.evaluation.evaluate import shown_path
+
+    return [shown_path(a) if Path(a).is_absolute() and Path(a).exists() else a for a in args]
 
 
 def summary_lines(metrics: dict) -> list[str]:

@@ -488,7 +488,8 @@ def _scan_dicom_dir(directory: Path) -> dict[str, list[tuple[Path, pydicom.Datas
     series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     for f in sorted(p for p in directory.iterdir() if p.is_file()):
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            # pixel data deferred, not read: its length and offset are kept for the checks
+            ds = pydicom.dcmread(f, defer_size=256)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue  # not DICOM (a README, a thumbnail...) or unreadable
         if "Rows" not in ds:
@@ -547,9 +548,20 @@ def _check_series_geometry(name: Path, headers: list) -> tuple[list[Path], np.nd
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds or ds.get(tag) in (None, ""):
                 raise InputError(f"{f}: has no {tag}, so the voxel grid is unknown")
-    orient = np.array([[float(x) for x in ds.ImageOrientationPatient] for _, ds in headers])
-    pixel = np.array([[float(x) for x in ds.PixelSpacing] for _, ds in headers])
+        _check_slice_header(f, ds)
+    orient = np.array([_numbers(f, ds, "ImageOrientationPatient", 6) for f, ds in headers])
+    pixel = np.array([_numbers(f, ds, "PixelSpacing", 2) for f, ds in headers])
     shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
+    rows, cols = orient[0, :3], orient[0, 3:]
+    if (
+        abs(np.linalg.norm(rows) - 1) > 1e-2
+        or abs(np.linalg.norm(cols) - 1) > 1e-2
+        or (abs(rows @ cols) > 1e-2)
+    ):
+        raise InputError(
+            f"{headers[0][0]}: ImageOrientationPatient {orient[0].tolist()} is not two "
+            "perpendicular unit vectors, so the voxel grid is unknown"
+        )
     if np.abs(orient - orient[0]).max() > 1e-4 or np.abs(pixel - pixel[0]).max() > 1e-4:
         raise InputError(f"{name}: slices differ in orientation or pixel spacing (a localizer?)")
     if len(shapes) > 1:
@@ -557,7 +569,7 @@ def _check_series_geometry(name: Path, headers: list) -> tuple[list[Path], np.nd
     if not (pixel[0] > 0).all():
         raise InputError(f"{name}: PixelSpacing {pixel[0].tolist()} mm must be positive")
     normal = np.cross(orient[0, :3], orient[0, 3:])
-    positions = np.array([[float(x) for x in ds.ImagePositionPatient] for _, ds in headers])
+    positions = np.array([_numbers(f, ds, "ImagePositionPatient", 3) for f, ds in headers])
     order = np.argsort(positions @ normal, kind="stable")
     files = [headers[i][0] for i in order]
     steps = np.diff(positions[order], axis=0)
@@ -572,6 +584,58 @@ def _check_series_geometry(name: Path, headers: list) -> tuple[list[Path], np.nd
         )
     spacing_mm = np.array([pixel[0][1], pixel[0][0], float(np.median(dz))])
     return files, spacing_mm
+
+
+def _numbers(f: Path, ds: pydicom.Dataset, keyword: str, count: int) -> list[float]:
+    """``count`` finite numbers of a DICOM attribute; InputError naming the file otherwise."""
+    raw = ds.get(keyword)
+    values = list(raw) if isinstance(raw, MultiValue | list | tuple) else [raw]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != count or not np.isfinite(numbers).all():
+        what = "a number" if count == 1 else f"{count} numbers"
+        raise InputError(f"{f}: {keyword} {_text(raw)} is not {what}")
+    return numbers
+
+
+def _text(raw) -> str:
+    """A DICOM value as written in the file, quoted (multiple values joined by backslashes)."""
+    if isinstance(raw, MultiValue | list | tuple):
+        return "'" + "\\".join(str(v) for v in raw) + "'"
+    return f"'{raw}'"
+
+
+def _check_slice_header(f: Path, ds: pydicom.Dataset) -> None:
+    """A slice's rescale and pixel data: GDCM reads a rescale slope given as text or 0 as 1, and
+    short pixel data as whatever follows, without a word."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds and ds.get(keyword) not in (None, ""):
+            value = _numbers(f, ds, keyword, 1)[0]
+            if keyword == "RescaleSlope" and value == 0:
+                raise InputError(f"{f}: RescaleSlope is 0, so every voxel would be the intercept")
+    pixels = ds.get_item(0x7FE00010, keep_deferred=True)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if pixels is None or syntax is None or syntax.is_encapsulated:
+        return  # compressed: the decoder reports damage
+    try:
+        bits = int(ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(f"{f}: Rows, Columns or BitsAllocated missing or not numbers") from None
+    length = getattr(pixels, "length", None)
+    if length is None:
+        length = len(pixels.value or b"")
+    stored = length
+    tell = getattr(pixels, "value_tell", None)
+    if tell is not None:
+        stored = min(length, max(0, f.stat().st_size - tell))
+    if stored < expected:
+        raise InputError(
+            f"{f}: pixel data holds {stored} bytes, {ds.Rows} x {ds.Columns} pixels of "
+            f"{bits} bits need {expected} (truncated or damaged file)"
+        )
 
 
 def _check_slice_steps(name: Path, files: list[Path], dz: np.ndarray) -> None:
