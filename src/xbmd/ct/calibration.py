@@ -300,6 +300,8 @@ class Calibration:
     def from_json(cls, path: str | Path) -> Calibration:
         """Read a file written by :meth:`to_json`; InputError says what is wrong with a bad one."""
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, not a calibration JSON")
         if not path.is_file():
             raise InputError(f"calibration file not found: {path}")
         d = _parse_json(path.read_text(encoding="utf-8"), str(path))

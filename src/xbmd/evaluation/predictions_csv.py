@@ -60,7 +60,7 @@ def read_table(path: str | Path) -> Table:
         ) from None
     lines = text.splitlines()
     if not lines or not lines[0].strip():
-        raise InputError(f"{path}: empty; a predictions CSV needs a header and rows")
+        raise InputError(f"{path}: the file is empty; a predictions CSV needs a header and rows")
     delimiter = _delimiter(lines[0])
     try:
         reader = csv.reader(lines, delimiter=delimiter)
@@ -76,15 +76,15 @@ def read_table(path: str | Path) -> Table:
             f"{path}: {len(ragged)} row(s) do not have the header's {len(header)} cells: "
             f"{shown}{more}; its columns cannot be trusted"
         )
-    if not body:
-        raise InputError(f"{path}: no rows")
     est = sorted(c[4:] for c in header if c.startswith("est_") and not c.endswith("_t"))
     ref = sorted(c[4:] for c in header if c.startswith("ref_") and not c.endswith("_t"))
     if "patient_id" not in header or not est or not ref:
         raise InputError(
             f"{path}: a predictions CSV needs patient_id, est_<name> and ref_<name> columns "
-            f"(found: {', '.join(header)})"
+            f"(found: {', '.join(header)[:200]})"
         )
+    if not body:
+        raise InputError(f"{path}: no rows")
     rows = [dict(zip(header, (c.strip() for c in cells), strict=True)) for _, cells in body]
     numbered = [n for n, _ in body]
     empty = [n for n, r in zip(numbered, rows, strict=True) if not r["patient_id"]]

@@ -253,6 +253,8 @@ def _read_image(path: str | Path, modality: str | None) -> tuple[sitk.Image, dic
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         return _read_dicom(path, None, modality)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes)")
     if _suffix(path) in FILE_FORMATS:
         return _read_file(path)
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
