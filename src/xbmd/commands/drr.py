@@ -12,7 +12,9 @@ from xbmd.commands._common import user_errors
 HELP = (
     "Render a DRR (virtual X-ray) of a volume: areal mineral density in g/cm2 (default) or an "
     "attenuation line integral, in perspective (radiograph) or parallel (DXA-like) geometry. "
-    "Writes float32 OUT.npy and a PNG preview next to it."
+    "Writes float32 OUT.npy and a PNG preview next to it. --center-label ID centres the field on "
+    "a label (e.g. one femur). Refused: an image with nothing in the field, and densities no "
+    "tissue can have (a volume or calibration in g/cm3 or ug/cm3 instead of mg/cm3)."
 )
 
 
