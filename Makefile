@@ -81,4 +81,4 @@ validation: $(STAMP)
 	cp bench_out/validation/report.html bench_out/validation/metrics.json docs/validation/
 
 clean:
-	rm -rf $(VENV) demo_out bench_out .pytest_cache
+	rm -rf $(VENV) demo_out demo_ct bench_out .pytest_cache

@@ -45,18 +45,28 @@ app.command("train", help=_train.HELP)(_train.main)
 app.command("evaluate", help=_evaluate.HELP)(_evaluate.main)
 app.command("calibrate-model", help=_calibrate_model.HELP)(_calibrate_model.main)
 app.command("serve", help=_serve.HELP)(_serve.main)
-app.command("demo", help=_demo.HELP)(_demo.main)
+app.command("demo-ct", help=_demo.HELP)(_demo.main)
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    if value:
         from xbmd import __version__
 
         typer.echo(f"xbmd {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=_print_version,
+    ),
+) -> None:
+    """Eager options only; the commands do the work."""
 
 
 if __name__ == "__main__":

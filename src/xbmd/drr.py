@@ -119,6 +119,22 @@ class RenderVolume:
         return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
 
 
+def label_corners_mm(labels: Volume, label_ids: Sequence[int]) -> np.ndarray:
+    """(8, 3) CT-world corners (LPS mm, voxel centres) of the bounding box of ``label_ids``."""
+    box = bounding_box(np.isin(labels.data, list(label_ids)))
+    if box is None:
+        raise InputError(f"label(s) {list(label_ids)} not found in {labels.source or 'the labels'}")
+    k, j, i = ((b.start, b.stop - 1) for b in box)
+    ijk = np.array([[a, b, c] for a in i for b in j for c in k], dtype=float)
+    return labels.index_to_world(ijk)
+
+
+def label_center_mm(labels: Volume, label_ids: Sequence[int]) -> np.ndarray:
+    """CT-world centre (LPS mm) of the bounding box of ``label_ids``: the ``isocenter_mm`` of
+    :func:`prepare_volume` that centres those labels in the image (e.g. one femur)."""
+    return label_corners_mm(labels, label_ids).mean(axis=0)
+
+
 def volume_values(
     volume: Volume,
     quantity: str,

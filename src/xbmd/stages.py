@@ -59,6 +59,28 @@ def check_output_folder(out: Path) -> Path:
     return out
 
 
+def check_output_file(path: Path, what: str = "output file") -> Path:
+    """``path`` as a file that can be written, checked before any work is done: its folder is
+    created if missing; InputError if ``path`` is a folder, lies under a file, or its folder
+    cannot be written (an existing file is overwritten, as before)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; the {what} must be a file name")
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists() and not ancestor.is_dir():
+            raise InputError(f"{path}: cannot write the {what}: {ancestor} is a file")
+        if ancestor.exists():
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot create its folder {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{path}: not writable")
+    return path
+
+
 def claim_folder(
     out: Path, marker: str, fmt: str, identity: dict, allowed: Iterable[str] = ()
 ) -> dict | None:

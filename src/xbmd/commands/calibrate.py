@@ -73,11 +73,16 @@ def main(
         from xbmd.ct import calibration
         from xbmd.errors import InputError
         from xbmd.io.ct import read_ct, read_labels
+        from xbmd.stages import check_output_file
 
         if phantomless == (phantom is not None):
             raise InputError("give either --phantom P.json (or a bundled name) or --phantomless")
         if tissue_labels is not None and labels is None:
             raise InputError("--tissue-labels needs --labels: the label map they refer to")
+        check_output_file(out, "calibration JSON")
+        for extra, what in ((qc, "QC picture"), (save_rods, "rod label map")):
+            if extra is not None:
+                check_output_file(extra, what)
 
         if phantom is not None and labels is None:
             from dataclasses import replace

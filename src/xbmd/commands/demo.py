@@ -1,4 +1,5 @@
-"""`xbmd demo`: the end-to-end demo (what `make demo` runs)."""
+"""`xbmd demo-ct`: the CT pipeline demo on the built-in hip test CT (`make demo` is another
+thing: `xbmd estimate` with the bundled model on the sample X-rays)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import typer
 from xbmd.commands._common import user_errors
 
 HELP = (
-    "Run the end-to-end demo on the built-in hip test CT: phantom calibration, bone DRRs in g/cm2 "
+    "The CT pipeline demo on the built-in hip test CT: phantom calibration, bone DRRs in g/cm2 "
     "(pelvis and femurs posed independently), a simulated radiograph and DXA-like femur "
-    "projections. Prints the results and writes images to --out."
+    "projections. Prints the results and writes images, the CT, its labels and its calibration "
+    "to --out (default demo_ct/). Not `make demo`, which runs `xbmd estimate` with the bundled "
+    "model on the sample X-rays into demo_out/."
 )
 
 
 def main(
-    out: Path = typer.Option(Path("demo_out"), "--out", help="Folder for images and volumes."),
+    out: Path = typer.Option(Path("demo_ct"), "--out", help="Folder for images and volumes."),
 ) -> None:
     with user_errors():
         from xbmd.ct.demo import run_demo
+        from xbmd.stages import check_output_folder
 
+        check_output_folder(out)
         start = time.perf_counter()
         results = run_demo(out, log=typer.echo)
         typer.echo("\nareal BMD of the proximal femur (DXA-like parallel AP projection):")

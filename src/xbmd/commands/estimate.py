@@ -129,7 +129,8 @@ def main(
         )
         if not batch.results and not batch.failures:
             raise InputError(
-                f"no radiographs to estimate ({len(batch.skipped)} files skipped, "
+                f"no radiographs to estimate in {', '.join(str(i) for i in images)} "
+                f"({len(batch.skipped)} files skipped, "
                 f"listed in {out / 'skipped.csv'})"
             )
     if as_json:

@@ -25,8 +25,8 @@ HELP = (
     "gate on implant and clean hips and the out-of-distribution share. Writes "
     "REPORT/report.html (self-contained), metrics.json, predictions.csv, "
     "predictions_end_to_end.csv and figures/. Exit code 0 when every input was read, 2 when some "
-    "sample or original radiograph could not be read (listed in metrics.json), 1 on unusable "
-    "input."
+    "sample or original radiograph could not be read or some CSV cells are not numbers (listed, "
+    "left out, in metrics.json), 1 on unusable input (fewer than 3 usable rows included)."
 )
 
 
@@ -119,27 +119,41 @@ def main(
             file_robustness=file_kinds,
             robustness_images=robustness_images,
             batch=batch,
-            command="xbmd evaluate " + " ".join(sys.argv[2:]),
+            command="xbmd evaluate " + " ".join(_shown_args(sys.argv[2:])),
             progress=bar,
         )
     for line in summary_lines(metrics):
         typer.echo(line)
+    for note in metrics.get("notes", []):
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"report: {out / 'report.html'}   metrics: {out / 'metrics.json'}")
-    unreadable = len(metrics["failures"])
+    failures = metrics["failures"]
     e2e = metrics.get("end_to_end") or {}
     missing = sum(1 for f in e2e.get("failures") or [] if f.get("stage") == "read")
-    if unreadable:
-        typer.echo(f"{unreadable} samples could not be read (metrics.json)", err=True)
+    if failures:
+        for failure in failures[:10]:
+            typer.echo(f"FAILED {failure['sample_id']}: {failure['error']}", err=True)
+        if len(failures) > 10:
+            typer.echo(f"... and {len(failures) - 10} more", err=True)
+        what = "samples could not be read" if dataset is not None else "cells are not numbers"
+        typer.echo(f"{len(failures)} {what}: left out of the statistics (metrics.json)", err=True)
     if missing:
         typer.echo(
             f"{missing} hips' original radiographs could not be read (metrics.json)", err=True
         )
-    if unreadable or missing:
+    if failures or missing:
         raise typer.Exit(code=2)
 
 
 def _comma_list(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
+
+
+def _shown_args(args: list[str]) -> list[str]:
+    """The command line for the report, absolute paths shown as ``shown_path`` shows them."""
+    from xbmd.evaluation.evaluate import shown_path
+
+    return [shown_path(a) if Path(a).is_absolute() and Path(a).exists() else a for a in args]
 
 
 def summary_lines(metrics: dict) -> list[str]:

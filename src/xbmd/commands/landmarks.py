@@ -38,7 +38,11 @@ def main(
         from xbmd.dataset.manifest import parse_label_map
         from xbmd.errors import InputError
         from xbmd.io.ct import read_labels
+        from xbmd.stages import check_output_file, check_output_folder
 
+        check_output_file(out, "landmarks JSON")
+        if qc is not None:
+            check_output_folder(qc)
         bones = parse_label_map(label_map, "--label-map")
         if not {"femur_left", "femur_right"} & set(bones):
             raise InputError(f"--label-map {label_map!r} names no femur")

@@ -66,14 +66,18 @@ def main(
         from xbmd.ct.calibration import Calibration
         from xbmd.ct.landmarks import read_landmarks
         from xbmd.dataset.manifest import parse_label_map
+        from xbmd.errors import InputError, XbmdError
         from xbmd.io.ct import read_ct, read_labels
-        from xbmd.io.xray import read_xray
+        from xbmd.io.xray import read_xray, xray_geometry
         from xbmd.registration.optimise import RegistrationSettings
         from xbmd.registration.overlay import write_registration_overlay
         from xbmd.registration.result import read_poses
         from xbmd.registration.scene import build_scene
         from xbmd.registration.xray import register_xray
+        from xbmd.stages import check_output_file
 
+        check_output_file(out, "poses JSON")
+        check_output_file(overlay or out.with_suffix(".png"), "overlay PNG")
         t0 = time.perf_counter()
         volume = read_ct(ct)
         lab = read_labels(labels, volume)
@@ -81,7 +85,14 @@ def main(
             volume = Calibration.from_json(calibration).apply(volume)
         lm = read_landmarks(landmarks) if landmarks else None
         scene = build_scene(volume, lab, parse_label_map(label_map, "--label-map"), lm)
-        image = read_xray(xray, pixel_spacing)
+        try:
+            image = read_xray(xray, pixel_spacing)
+        except XbmdError:
+            raise
+        except Exception as exc:  # a reader's unexpected failure on a damaged file: one line
+            reason = f"{type(exc).__name__}: {exc}"
+            raise InputError(f"{xray}: unreadable radiograph ({reason})") from None
+        xray_geometry(image)  # no pixel spacing, a bad distance: said before the work starts
         settings = RegistrationSettings(
             similarity=similarity.value, strategy=strategy.value, seed=seed
         )

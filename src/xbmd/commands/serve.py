@@ -34,7 +34,14 @@ def main(
     for noisy in ("urllib3", "PIL", "matplotlib", "multipart", "python_multipart", "highdicom"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     with user_errors():
+        from xbmd.errors import InputError
         from xbmd.pacs.config import load_config
         from xbmd.pacs.service import serve
+        from xbmd.stages import check_output_folder
 
-        serve(load_config(config))
+        settings = load_config(config)
+        try:
+            check_output_folder(settings.state_dir)
+        except InputError as exc:
+            raise InputError(f"{config}: state_dir: {exc}") from None
+        serve(settings)

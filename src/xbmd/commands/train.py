@@ -15,7 +15,9 @@ HELP = (
     "the hip localiser on a dataset written by `xbmd prepare`. Patients are split into training "
     "and validation sets (no patient in both). Each stage checkpoints every epoch and resumes "
     "when re-run into the same folder; a finished stage is skipped. Writes RUN/model.pt for "
-    "`xbmd estimate --model`. Config keys and defaults: docs/training.md and configs/."
+    "`xbmd estimate --model`. Config keys and defaults: docs/training.md and configs/. Exit "
+    "code 0 when every sample was used, 2 when some could not be read (listed, left out, the "
+    "rest trained on), 1 on unusable input."
 )
 
 
@@ -61,6 +63,13 @@ def main(
             progress=progress,
             max_steps=max_steps or None,
         )
+    for line in summary.get("warnings", []):
+        typer.echo(f"warning: {line}", err=True)
+    skipped = summary.get("skipped_samples", [])
+    for item in skipped[:10]:
+        typer.echo(f"SKIPPED {item['sample_id']}: {item['error']}", err=True)
+    if len(skipped) > 10:
+        typer.echo(f"... and {len(skipped) - 10} more (train.json)", err=True)
     for stage, result in summary.get("stages", {}).items():
         if "skipped" in result:
             typer.echo(f"stage {stage}: skipped ({result['skipped']})")
@@ -68,3 +77,5 @@ def main(
             typer.echo(f"stage {stage}: {result.get('seconds', 0):.0f} s")
     if summary.get("model"):
         typer.echo(f"model: {summary['model']}")
+    if skipped:
+        raise typer.Exit(code=2)

@@ -70,6 +70,15 @@ PHANTOMLESS_ERROR_NOTE = (
     "phantom-less: expect about 8 % RMS error at 150 mg/cm3 and 7 % at 800 mg/cm3 with the kVp "
     "known (simulation, docs/calibration.md), about twice that with the kVp unknown"
 )
+#: A calibration line's slope (mg/cm3 per HU) outside this range is refused. Hydroxyapatite lines
+#: are 0.50 (80 kVp) to 0.87 (140 kVp) by the table above and 0.7-1.0 for real phantoms
+#: (docs/calibration.md); the range leaves a factor 2.5 on either side, and catches what a wrong
+#: unit gives: rod densities in g/cm3 instead of mg/cm3 make the slope 1000 times too small.
+PLAUSIBLE_SLOPE_MG_CM3_PER_HU = (0.2, 2.5)
+#: The densest rod a phantom may have (mg/cm3): hydroxyapatite itself is 3160 mg/cm3. The densest
+#: rod, when not 0, must be above MIN_TOP_ROD_MG_CM3: phantoms span tens to hundreds of mg/cm3.
+MAX_ROD_MG_CM3 = 3160.0
+MIN_TOP_ROD_MG_CM3 = 5.0
 #: Automatic tissue search: the body is the largest connected region above this HU.
 BODY_THRESHOLD_HU = -500.0
 #: Air is sampled this many voxels (in-plane) away from the body: no partial volume of the skin.
@@ -116,12 +125,34 @@ class Phantom:
         labels = [rod.label for rod in parsed]
         if len(set(labels)) != len(labels):
             raise InputError(f"{source}: rod labels must be unique, got {labels}")
+        _check_rod_densities(parsed, source)
         layout = None
         if d.get("layout") is not None:
             from xbmd.ct.rods import PhantomLayout
 
             layout = PhantomLayout.from_dict(d["layout"], [r.label for r in parsed], source)
         return cls(name=name, rods=parsed, material=material, layout=layout)
+
+
+def _check_rod_densities(rods: tuple[Rod, ...], source: str) -> None:
+    """Refuse densities in the wrong unit: g/cm3 (0.2 for 200 mg/cm3) or ug/cm3."""
+    densities = [rod.density_mg_cm3 for rod in rods]
+    top = max(densities)
+    if 0 < top < MIN_TOP_ROD_MG_CM3:
+        raise InputError(
+            f"{source}: rod densities {_range_text(densities)} mg/cm3 are implausibly small "
+            f"(the densest rod is below {MIN_TOP_ROD_MG_CM3:g} mg/cm3): they look like g/cm3; "
+            "give density_mg_cm3 in mg/cm3 (e.g. 200, not 0.2)"
+        )
+    if top > MAX_ROD_MG_CM3:
+        raise InputError(
+            f"{source}: rod density {top:g} mg/cm3 exceeds hydroxyapatite's own "
+            f"({MAX_ROD_MG_CM3:g} mg/cm3): wrong unit (ug/cm3?); give density_mg_cm3 in mg/cm3"
+        )
+
+
+def _range_text(values: Sequence[float]) -> str:
+    return f"{min(values):g}..{max(values):g}"
 
 
 def _parse_rod(d: object, where: str) -> Rod:
@@ -269,6 +300,8 @@ class Calibration:
     def from_json(cls, path: str | Path) -> Calibration:
         """Read a file written by :meth:`to_json`; InputError says what is wrong with a bad one."""
         path = Path(path)
+        if path.is_dir():
+            raise InputError(f"{path}: is a folder, not a calibration JSON")
         if not path.is_file():
             raise InputError(f"calibration file not found: {path}")
         d = _parse_json(path.read_text(encoding="utf-8"), str(path))
@@ -289,7 +322,9 @@ class Calibration:
                 notes=tuple(str(n) for n in _field(d, "notes", list, optional=True) or ()),
                 xbmd_version=_field(d, "xbmd_version", str),
             )
-        except (TypeError, ValueError, CalibrationError) as exc:
+        except CalibrationError as exc:
+            raise InputError(f"{path}: {exc}") from None
+        except (TypeError, ValueError) as exc:
             raise InputError(f"{path}: malformed calibration file: {exc}") from None
 
     def summary(self) -> str:
@@ -359,6 +394,28 @@ def _check_line(slope: float, intercept: float) -> None:
             f"calibration slope must be positive (density rises with HU), "
             f"got {slope:.5g} mg/cm3 per HU"
         )
+    _check_slope_plausible(slope)
+
+
+def _check_slope_plausible(slope: float, table: str = "") -> None:
+    """CalibrationError for a slope no CT can have, with the likely cause (a unit 1000x off)."""
+    lo, hi = PLAUSIBLE_SLOPE_MG_CM3_PER_HU
+    if lo <= slope <= hi:
+        return
+    points = f" ({table})" if table else ""
+    if slope < lo and lo <= slope * 1000 <= hi:
+        cause = (
+            "about 1000 times too small: densities given in g/cm3 instead of mg/cm3? "
+            "(a 200 mg/cm3 rod is 200, not 0.2)"
+        )
+    elif slope > hi and lo <= slope / 1000 <= hi:
+        cause = "about 1000 times too large: densities given in ug/cm3 instead of mg/cm3?"
+    else:
+        cause = "no CT calibration line is that far off (wrong unit, or not HU?)"
+    raise CalibrationError(
+        f"calibration slope {slope:.4g} mg/cm3 per HU is outside the plausible {lo:g}-{hi:g} "
+        f"(hydroxyapatite lines are 0.5-1.0): {cause}{points}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,6 +450,7 @@ def fit_line(
         )
     if r < min_r:
         raise CalibrationError(f"calibration fit is poor: r = {r:.4f} < {min_r} ({table})")
+    _check_slope_plausible(float(slope), table)
     return float(slope), float(intercept), r
 
 

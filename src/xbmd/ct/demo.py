@@ -1,9 +1,9 @@
-"""The end-to-end demo of the foundation: test CT -> phantom calibration -> DRRs in g/cm2.
+"""The CT pipeline demo (``xbmd demo-ct``): test CT -> phantom calibration -> DRRs in g/cm2.
 
-Until the bundled model exists (a later issue), ``make demo`` runs this: it builds the hip test CT
-with its calibration phantom, calibrates it, renders the bone-only virtual X-ray (pelvis and femurs
-posed independently), a simulated radiograph, and a DXA-like projection of each femur, and compares
-the areal BMD from the calibrated CT with the truth it was built from.
+It builds the hip test CT with its calibration phantom, calibrates it, renders the bone-only
+virtual X-ray (pelvis and femurs posed independently), a simulated radiograph, and a DXA-like
+projection of each femur, and compares the areal BMD from the calibrated CT with the truth it was
+built from.
 """
 
 from __future__ import annotations

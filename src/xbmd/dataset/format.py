@@ -29,6 +29,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,13 +128,20 @@ def load_sample(path: str | Path) -> Sample:
         meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise InputError(f"{exc.filename}: no such sample file") from None
-    except (OSError, ValueError, EOFError) as exc:  # zip/JSON damage: np.load raises all three
+    # zip, zlib or JSON damage: np.load raises any of these for a truncated or altered file
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise InputError(f"{path}: unreadable sample ({type(exc).__name__}: {exc})") from None
     missing = {"xray", "valid"} - set(arrays)
     if missing:
         raise InputError(f"{path}: no array {', '.join(sorted(missing))}")
     if arrays["xray"].ndim != 2 or arrays["xray"].shape != arrays["valid"].shape:
         raise InputError(f"{path}: xray {arrays['xray'].shape} and valid must be equal 2D grids")
+    for name in ("xray", "bone_drr_g_cm2", "pf_drr_g_cm2"):
+        value = arrays.get(name)
+        if value is not None and not (
+            np.issubdtype(value.dtype, np.number) and np.isfinite(value).all()
+        ):
+            raise InputError(f"{path}: {name} holds NaN, infinite or non-numeric values")
     return Sample(
         arrays["xray"].astype(np.float32),
         arrays["valid"].astype(bool),

@@ -180,12 +180,16 @@ def read_manifest(path: str | Path) -> list[ManifestCase]:
     reads it), but every field is parsed and checked.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; the manifest is a CSV file (docs/data-format.md)")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise InputError(f"{path}: no such manifest") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a UTF-8 CSV manifest") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the manifest ({exc.strerror})") from None
     reader = csv.DictReader(text.splitlines())
     missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
     if missing:
@@ -193,6 +197,13 @@ def read_manifest(path: str | Path) -> list[ManifestCase]:
     root = path.parent.resolve()
     cases, seen = [], set()
     for line, row in enumerate(reader, start=2):
+        if None in row or None in row.values():
+            width = len(reader.fieldnames)
+            cells = width + len(row.get(None) or []) - list(row.values()).count(None)
+            raise InputError(
+                f"{path}, line {line}: {cells} cells, the header has {width} "
+                "(a comma too many or too few? quote fields that hold commas)"
+            )
         case = _parse_row(row, root, f"{path}, line {line}")
         if case.case_id in seen:
             raise InputError(f"{path}, line {line}: case_id {case.case_id!r} appears twice")

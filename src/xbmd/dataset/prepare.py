@@ -270,6 +270,12 @@ def _prepare_xray(
     try:
         with _stage("xray", xray_path):
             xray = read_xray(xray_path)
+            if xray.pixel_spacing_mm is None:
+                raise InputError(
+                    f"{xray_path}: the file records no pixel spacing, which registration and the "
+                    "crop need; give the case a DICOM radiograph with Imager Pixel Spacing (a "
+                    "PNG, JPEG or TIFF has none)"
+                )
         patient = _check_patient(xray, data.case, log)
         log(
             f"{key}: {xray.pixels.shape} pixels of {xray.pixel_spacing_mm} mm"

@@ -54,6 +54,7 @@ from xbmd.evaluation.samples import (
     TARGETS,
     Samples,
     agreement_rows,
+    check_enough,
     diagnostic_section,
     hip_means,
     plain,
@@ -243,7 +244,9 @@ def evaluate(
         FILE_ROBUSTNESS_KINDS,
         "whole-file robustness test(s)",
     )
-    out = Path(out)
+    from xbmd.stages import check_output_folder
+
+    out = check_output_folder(Path(out))
     t0 = time.perf_counter()
     runtime = {}
     run, e2e, estimator = None, None, None
@@ -264,8 +267,10 @@ def evaluate(
             runtime["end_to_end"] = time.perf_counter() - t1
     else:
         samples = read_predictions(predictions)
+        failures = list(samples.problems)
         reasons["end_to_end"] = "predictions CSV: no radiographs to estimate"
     primary = primary_pair(samples, target)
+    check_enough(samples, primary, str(predictions if dataset is None else dataset))
     diag, reasons["diagnostic"] = diagnostic_section(samples, primary)
     decomposition, reasons["decomposition"] = (
         decomposition_section(run) if run else (None, "predictions CSV: no virtual X-rays")
@@ -323,11 +328,12 @@ def evaluate(
         "created_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": command,
         "source": {
-            "model": None if run is None else run.bundle.source,
-            "dataset": None if dataset is None else str(dataset),
-            "predictions_csv": None if predictions is None else str(predictions),
-            "radiographs": None if e2e is None or e2e.root is None else str(e2e.root),
+            "model": None if run is None else shown_path(run.bundle.source),
+            "dataset": None if dataset is None else shown_path(dataset),
+            "predictions_csv": None if predictions is None else shown_path(predictions),
+            "radiographs": None if e2e is None or e2e.root is None else shown_path(e2e.root),
         },
+        "notes": samples.notes,
         "target": {"estimate": primary[0], "reference": primary[1], "unit": unit, "label": label},
         "headline": headline(modes, primary),
         "end_to_end": e2e_block,
@@ -353,7 +359,6 @@ def evaluate(
         "runtime_s": runtime,
     }
     metrics = plain(metrics)
-    out.mkdir(parents=True, exist_ok=True)
     write_predictions(rows, out / "predictions.csv")
     if e2e is not None:
         write_end_to_end_csv(e2e.records, out / "predictions_end_to_end.csv")
@@ -364,3 +369,24 @@ def evaluate(
     metrics["runtime_s"] = plain(runtime)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics
+
+
+def shown_path(path) -> str | None:
+    """A path as the report shows it: relative to the working folder when inside it, the
+    package-relative name for a file shipped with xbmd (the bundled model), else the file's
+    name; never the absolute path of the machine the report was made on."""
+    if path is None:
+        return None
+    import xbmd
+
+    path = Path(str(path))
+    if not path.is_absolute():
+        return path.as_posix()
+    resolved = path.resolve()
+    package = Path(xbmd.__file__).resolve().parent
+    for root, prefix in ((Path.cwd().resolve(), ""), (package, "xbmd/")):
+        try:
+            return prefix + resolved.relative_to(root).as_posix()
+        except ValueError:
+            continue
+    return path.name

@@ -46,7 +46,9 @@ ESTIMATES_FOR = {
 #: References that are areal BMD of the total hip: they get T-scores and WHO categories.
 AREAL_TOTAL_HIP = ("dxa_total_hip_g_cm2", "ct_abmd_g_cm2")
 PUBLISHED_RMS_CV_PCT = [3.27, 3.79]  # Gu et al. 2023, multi-pose reproducibility
-DXA_TOTAL_HIP_PRECISION_PCT = [1.0, 2.0]  # a good DXA centre (method-notes)
+DXA_TOTAL_HIP_PRECISION_PCT = [1.0, 2.0]  # a good DXA centre (docs/method.md)
+#: Fewest (estimate, reference) pairs for agreement statistics (r, ICC, limits of agreement).
+MIN_PAIRS = 3
 #: Identifying columns of a sample row (``Samples.rows``) written to predictions.csv.
 ID_COLUMNS = ("sample_id", "patient_id", "side", "sex", "age_years", "xray", "study_uid")
 
@@ -64,6 +66,9 @@ class Samples:
     estimates: dict[str, np.ndarray]
     references: dict[str, np.ndarray]
     units: dict[str, str] = field(default_factory=dict)
+    #: cells of a predictions CSV that are not numbers: {sample_id, error}, counted as missing
+    problems: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def sample_row(row: dict) -> dict:
@@ -81,13 +86,6 @@ def sample_row(row: dict) -> dict:
     }
 
 
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 # ------------------------------------------------------------------------------------------------
 # Estimates from a CSV
 
@@ -95,32 +93,54 @@ def _float(value) -> float:
 def read_predictions(path: str | Path) -> Samples:
     """A predictions CSV: ``patient_id``, ``est_<name>`` and ``ref_<name>`` columns per hip image
     (optional ``sample_id``, ``side``, ``sex``, ``age_years``, ``xray``, ``study_uid``; rows with
-    a non-empty ``implant`` are left out). Non-numeric cells count as missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such predictions file")
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    a non-empty ``implant`` are left out), read by
+    :func:`xbmd.evaluation.predictions_csv.read_table`: cells that are not numbers count as
+    missing and are listed in ``problems``; encoding, ragged rows, empty patient ids and mixed
+    decimal separators are refused."""
+    from xbmd.evaluation.predictions_csv import read_table
+
+    table = read_table(path)
     # hips with an implant: their references mean nothing (predictions_end_to_end.csv marks them)
-    rows = [r for r in rows if not (r.get("implant") or "").strip()]
-    if not rows:
-        raise InputError(f"{path}: no rows (without an implant)")
-    columns = set(rows[0])
-    est = sorted(c[4:] for c in columns if c.startswith("est_") and not c.endswith("_t"))
-    ref = sorted(c[4:] for c in columns if c.startswith("ref_") and not c.endswith("_t"))
-    if "patient_id" not in columns or not est or not ref:
-        raise InputError(
-            f"{path}: a predictions CSV needs patient_id, est_<name> and ref_<name> columns "
-            f"(found: {', '.join(sorted(columns))})"
-        )
+    keep = [i for i, r in enumerate(table.rows) if not (r.get("implant") or "").strip()]
+    if not keep:
+        raise InputError(f"{table.path}: no rows (without an implant)")
     ids = [
-        sample_row({**r, "sample_id": r.get("sample_id") or f"row{i + 1}"})
-        for i, r in enumerate(rows)
+        sample_row(
+            {
+                **table.rows[i],
+                "sample_id": table.rows[i].get("sample_id") or f"line{table.lines[i]}",
+            }
+        )
+        for i in keep
     ]
-    estimates = {n: np.array([_float(r[f"est_{n}"]) for r in rows]) for n in est}
-    references = {n: np.array([_float(r[f"ref_{n}"]) for r in rows]) for n in ref}
-    units = {n: ("mg/cm3" if n.endswith("mg_cm3") else "g/cm2") for n in [*est, *ref]}
-    return Samples(ids, estimates, references, units)
+    estimates = {n: np.array(table.numbers[f"est_{n}"])[keep] for n in table.estimates}
+    references = {n: np.array(table.numbers[f"ref_{n}"])[keep] for n in table.references}
+    units = {
+        n: ("mg/cm3" if n.endswith("mg_cm3") else "g/cm2")
+        for n in [*table.estimates, *table.references]
+    }
+    kept_lines = {table.lines[i] for i in keep}
+    problems = [
+        {"sample_id": p["sample_id"], "error": f"line {p['line']}: {p['column']} {p['error']}"}
+        for p in table.problems
+        if p["line"] in kept_lines
+    ]
+    return Samples(ids, estimates, references, units, problems, table.notes)
+
+
+def check_enough(samples: Samples, primary: tuple[str, str], source: str) -> None:
+    """InputError when fewer than ``MIN_PAIRS`` rows have both numbers of the primary pair: no
+    statistic (correlation, ICC, limits of agreement) can be computed."""
+    est, ref = primary
+    usable = np.isfinite(samples.estimates[est]) & np.isfinite(samples.references[ref])
+    n = int(usable.sum())
+    if n >= MIN_PAIRS:
+        return
+    why = f"; {len(samples.problems)} cell(s) were not numbers" if samples.problems else ""
+    raise InputError(
+        f"{source}: {n} of {len(samples.rows)} row(s) have both an estimate {est} and a "
+        f"reference {ref}{why}: agreement statistics need at least {MIN_PAIRS}"
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -178,7 +198,7 @@ def agreement_rows(samples: Samples) -> list[dict]:
             if level == "hip":
                 e, _ = hip_means(samples.estimates[est], hips)
                 r, _ = hip_means(samples.references[ref], hips)
-            if (np.isfinite(e) & np.isfinite(r)).sum() < 3:
+            if (np.isfinite(e) & np.isfinite(r)).sum() < MIN_PAIRS:
                 continue
             out.append(
                 {

@@ -171,6 +171,8 @@ def read_volume(path: str | Path, unit: str | None = None) -> Volume:
     image, meta = _read_image(path, modality=None)
     meta.pop("xbmd_unit", None)
     volume = volume_from_sitk(image, unit, source=str(path))
+    if not np.isfinite(volume.data).all():
+        raise InputError(f"{path}: contains NaN or infinite values")
     volume.meta.update(meta)
     return volume
 
@@ -251,6 +253,8 @@ def _read_image(path: str | Path, modality: str | None) -> tuple[sitk.Image, dic
         raise InputError(f"{path}: file not found")
     if path.is_dir():
         return _read_dicom(path, None, modality)
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes)")
     if _suffix(path) in FILE_FORMATS:
         return _read_file(path)
     if path.suffix.lower() in DICOM_SUFFIXES or _has_dicom_preamble(path):
@@ -347,6 +351,40 @@ def _check_nifti_header(path: Path) -> None:
             f"{path}: file is truncated: {found} bytes (uncompressed) of the {expected} its "
             "header describes"
         )
+    bad = _nifti_nonfinite_voxels(path, hdr, n_voxels)
+    if bad:
+        raise InputError(
+            f"{path}: contains NaN or infinite values ({bad} of {n_voxels} voxels); a CT, "
+            "label map or density volume must hold finite numbers"
+        )
+
+
+#: NIfTI datatype codes of floating-point voxels, and their numpy types.
+_NIFTI_FLOAT = {16: "f4", 64: "f8"}
+
+
+def _nifti_nonfinite_voxels(path: Path, hdr: dict, n_voxels: int) -> int:
+    """How many voxels of a floating-point NIfTI are NaN or infinite (0 for integer types).
+
+    ITK's NIfTI reader turns NaN and infinity into 0 without a word, so the stored values are
+    counted here, in chunks (the volume is not held twice in memory)."""
+    code = _NIFTI_FLOAT.get(hdr["datatype"])
+    if code is None:
+        return 0
+    dtype = np.dtype(code).newbyteorder(hdr["endianness"])
+    chunk = (1 << 22) * dtype.itemsize
+    bad = 0
+    left = n_voxels * dtype.itemsize
+    with _open_maybe_gzip(path) as f:
+        f.seek(int(hdr["vox_offset"]))
+        while left > 0:
+            raw = f.read(min(chunk, left))
+            if not raw:
+                break
+            raw = raw[: len(raw) - len(raw) % dtype.itemsize]
+            bad += int((~np.isfinite(np.frombuffer(raw, dtype=dtype))).sum())
+            left -= len(raw)
+    return bad
 
 
 def _nifti_raw_header(path: Path) -> dict:
@@ -361,8 +399,8 @@ def _nifti_raw_header(path: Path) -> dict:
     if kind is None or len(raw) < kind.template_dtype.itemsize:
         raise InputError(f"{path}: not a NIfTI file (header size is neither 348 nor 540 bytes)")
     hdr = kind.from_fileobj(io.BytesIO(raw), check=False)
-    fields = ("dim", "pixdim", "bitpix", "vox_offset", "qform_code", "sform_code")
-    return {name: hdr[name].tolist() for name in fields}
+    fields = ("dim", "pixdim", "bitpix", "vox_offset", "qform_code", "sform_code", "datatype")
+    return {name: hdr[name].tolist() for name in fields} | {"endianness": hdr.endianness}
 
 
 def _is_gzip(path: Path) -> bool:
@@ -452,7 +490,8 @@ def _scan_dicom_dir(directory: Path) -> dict[str, list[tuple[Path, pydicom.Datas
     series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     for f in sorted(p for p in directory.iterdir() if p.is_file()):
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            # pixel data deferred, not read: its length and offset are kept for the checks
+            ds = pydicom.dcmread(f, defer_size=256)
         except (InvalidDicomError, OSError, ValueError, EOFError):
             continue  # not DICOM (a README, a thumbnail...) or unreadable
         if "Rows" not in ds:
@@ -511,9 +550,20 @@ def _check_series_geometry(name: Path, headers: list) -> tuple[list[Path], np.nd
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds or ds.get(tag) in (None, ""):
                 raise InputError(f"{f}: has no {tag}, so the voxel grid is unknown")
-    orient = np.array([[float(x) for x in ds.ImageOrientationPatient] for _, ds in headers])
-    pixel = np.array([[float(x) for x in ds.PixelSpacing] for _, ds in headers])
+        _check_slice_header(f, ds)
+    orient = np.array([_numbers(f, ds, "ImageOrientationPatient", 6) for f, ds in headers])
+    pixel = np.array([_numbers(f, ds, "PixelSpacing", 2) for f, ds in headers])
     shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
+    rows, cols = orient[0, :3], orient[0, 3:]
+    if (
+        abs(np.linalg.norm(rows) - 1) > 1e-2
+        or abs(np.linalg.norm(cols) - 1) > 1e-2
+        or (abs(rows @ cols) > 1e-2)
+    ):
+        raise InputError(
+            f"{headers[0][0]}: ImageOrientationPatient {orient[0].tolist()} is not two "
+            "perpendicular unit vectors, so the voxel grid is unknown"
+        )
     if np.abs(orient - orient[0]).max() > 1e-4 or np.abs(pixel - pixel[0]).max() > 1e-4:
         raise InputError(f"{name}: slices differ in orientation or pixel spacing (a localizer?)")
     if len(shapes) > 1:
@@ -521,7 +571,7 @@ def _check_series_geometry(name: Path, headers: list) -> tuple[list[Path], np.nd
     if not (pixel[0] > 0).all():
         raise InputError(f"{name}: PixelSpacing {pixel[0].tolist()} mm must be positive")
     normal = np.cross(orient[0, :3], orient[0, 3:])
-    positions = np.array([[float(x) for x in ds.ImagePositionPatient] for _, ds in headers])
+    positions = np.array([_numbers(f, ds, "ImagePositionPatient", 3) for f, ds in headers])
     order = np.argsort(positions @ normal, kind="stable")
     files = [headers[i][0] for i in order]
     steps = np.diff(positions[order], axis=0)
@@ -536,6 +586,58 @@ def _check_series_geometry(name: Path, headers: list) -> tuple[list[Path], np.nd
         )
     spacing_mm = np.array([pixel[0][1], pixel[0][0], float(np.median(dz))])
     return files, spacing_mm
+
+
+def _numbers(f: Path, ds: pydicom.Dataset, keyword: str, count: int) -> list[float]:
+    """``count`` finite numbers of a DICOM attribute; InputError naming the file otherwise."""
+    raw = ds.get(keyword)
+    values = list(raw) if isinstance(raw, MultiValue | list | tuple) else [raw]
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != count or not np.isfinite(numbers).all():
+        what = "a number" if count == 1 else f"{count} numbers"
+        raise InputError(f"{f}: {keyword} {_text(raw)} is not {what}")
+    return numbers
+
+
+def _text(raw) -> str:
+    """A DICOM value as written in the file, quoted (multiple values joined by backslashes)."""
+    if isinstance(raw, MultiValue | list | tuple):
+        return "'" + "\\".join(str(v) for v in raw) + "'"
+    return f"'{raw}'"
+
+
+def _check_slice_header(f: Path, ds: pydicom.Dataset) -> None:
+    """A slice's rescale and pixel data: GDCM reads a rescale slope given as text or 0 as 1, and
+    short pixel data as whatever follows, without a word."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        if keyword in ds and ds.get(keyword) not in (None, ""):
+            value = _numbers(f, ds, keyword, 1)[0]
+            if keyword == "RescaleSlope" and value == 0:
+                raise InputError(f"{f}: RescaleSlope is 0, so every voxel would be the intercept")
+    pixels = ds.get_item(0x7FE00010, keep_deferred=True)
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if pixels is None or syntax is None or syntax.is_encapsulated:
+        return  # compressed: the decoder reports damage
+    try:
+        bits = int(ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    except (AttributeError, TypeError, ValueError):
+        raise InputError(f"{f}: Rows, Columns or BitsAllocated missing or not numbers") from None
+    length = getattr(pixels, "length", None)
+    if length is None:
+        length = len(pixels.value or b"")
+    stored = length
+    tell = getattr(pixels, "value_tell", None)
+    if tell is not None:
+        stored = min(length, max(0, f.stat().st_size - tell))
+    if stored < expected:
+        raise InputError(
+            f"{f}: pixel data holds {stored} bytes, {ds.Rows} x {ds.Columns} pixels of "
+            f"{bits} bits need {expected} (truncated or damaged file)"
+        )
 
 
 def _check_slice_steps(name: Path, files: list[Path], dz: np.ndarray) -> None:

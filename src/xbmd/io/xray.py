@@ -210,7 +210,7 @@ def read_xray(
     path = Path(path)
     user_spacing = None if pixel_spacing_mm is None else parse_spacing_mm(pixel_spacing_mm)
     if path.is_dir():
-        raise InputError(f"{path}: a folder, not an image file")
+        raise InputError(f"{path}: is a folder, not an image file")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     if path.stat().st_size == 0:

@@ -97,13 +97,22 @@ def load_config(path: str | Path | None) -> dict:
     if path is None:
         return resolve()
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a config file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: no such config file") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; a config is a YAML file") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({exc})") from None
-    if data is not None and not isinstance(data, dict):
+    if data is None:
+        raise InputError(
+            f"{path}: the config file is empty; leave out --config for the defaults "
+            "(docs/training.md)"
+        )
+    if not isinstance(data, dict):
         raise InputError(f"{path}: a config must be a mapping of keys to values")
     return resolve(data, str(path))
 

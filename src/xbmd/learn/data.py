@@ -13,7 +13,7 @@ training device and needs JPEG, which MONAI lacks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ class TrainingData:
     pf_region: np.ndarray
     labels: dict[str, np.ndarray]
     rows: list[dict]
+    #: samples of the index that could not be read: {sample_id, file, error}, left out
+    skipped: list[dict] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -75,8 +77,12 @@ class TrainingData:
 
 
 def load_training_data(dataset: str | Path, size: int, progress: bool = True) -> TrainingData:
-    """Every sample of a prepared dataset at model resolution ``size`` (hips with an implant left
-    out)."""
+    """Every readable sample of a prepared dataset at model resolution ``size`` (hips with an
+    implant left out).
+
+    A sample that cannot be read (missing, corrupt, without its DRRs) is left out and listed in
+    ``skipped``; InputError when none can be read.
+    """
     dataset = Path(dataset)
     rows = [r for r in read_index(dataset) if not has_implant(r)]  # their labels mean nothing
     if not rows:
@@ -86,18 +92,33 @@ def load_training_data(dataset: str | Path, size: int, progress: bool = True) ->
     bone = np.zeros((n, size, size), np.float32)
     pf = np.zeros((n, size, size), np.float32)
     region = np.zeros((n, size, size), np.float32)
-    for i, row in enumerate(
-        tqdm(rows, desc="loading samples", unit="sample", disable=not progress)
-    ):
-        sample = load_sample(dataset / row["file"])
-        if sample.bone_drr_g_cm2 is None or sample.pf_drr_g_cm2 is None or sample.pf_mask is None:
-            raise InputError(f"{dataset / row['file']}: a training sample needs its DRRs and mask")
+    kept, skipped = [], []
+    for row in tqdm(rows, desc="loading samples", unit="sample", disable=not progress):
+        path = dataset / row["file"]
+        try:
+            sample = load_sample(path)
+            if (
+                sample.bone_drr_g_cm2 is None
+                or sample.pf_drr_g_cm2 is None
+                or sample.pf_mask is None
+            ):
+                raise InputError(f"{path}: a training sample needs its DRRs and mask")
+        except InputError as exc:
+            skipped.append({"sample_id": row["sample_id"], "file": row["file"], "error": str(exc)})
+            continue
+        i = len(kept)
         inputs[i] = model_input(sample.xray, sample.valid, size)
         bone[i] = downsample_map(sample.bone_drr_g_cm2, size)
         pf[i] = downsample_map(sample.pf_drr_g_cm2, size)
         region[i] = downsample_map(sample.pf_mask.astype(np.float32), size) >= 0.5
-    labels = {c: label_values(rows, c) for c in LABEL_COLUMNS}
-    return TrainingData(inputs, bone, pf, region, labels, rows)
+        kept.append(row)
+    if not kept:
+        raise InputError(
+            f"{dataset}: none of the {n} samples could be read (first: {skipped[0]['error']})"
+        )
+    m = len(kept)
+    labels = {c: label_values(kept, c) for c in LABEL_COLUMNS}
+    return TrainingData(inputs[:m], bone[:m], pf[:m], region[:m], labels, kept, skipped)
 
 
 def patient_split(patients: list[str], val_fraction: float, seed: int) -> tuple[list, list]:

@@ -79,8 +79,9 @@ def train(
     ``max_steps`` caps the optimiser steps per stage (smoke tests). Returns the run summary
     (also written to RUN/train.json).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from xbmd.stages import check_output_folder
+
+    out = check_output_folder(Path(out))
     stages = _stages_for(config, stages or list(cfg.STAGES))
     saved = out / "config.yaml"
     if saved.is_file():
@@ -95,13 +96,25 @@ def train(
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     summary.update({"xbmd_version": __version__, "dataset": str(Path(dataset).resolve())})
     summary.setdefault("stages", {})
+    summary["warnings"] = []
 
     size = config["image_size"]
     nn_stages = [s for s in stages if s != "loc"]
     if nn_stages:
         data = load_training_data(dataset, size, progress=progress and _is_rank_zero())
+        summary["skipped_samples"] = data.skipped
+        if data.skipped:
+            summary["warnings"].append(
+                f"{len(data.skipped)} of {len(data.skipped) + len(data)} samples could not be "
+                "read and were left out (train.json lists them)"
+            )
         train_idx, val_idx = patient_split(data.patients, config["val_fraction"], config["seed"])
         patients = data.patients
+        if config["val_fraction"] > 0 and not val_idx:
+            summary["warnings"].append(
+                f"the dataset holds one patient ({patients[0]}): no validation set (a patient is "
+                "never in both), so no validation metrics; train on two patients or more"
+            )
         split = {
             "train_patients": sorted({patients[i] for i in train_idx}),
             "validation_patients": sorted({patients[i] for i in val_idx}),
@@ -196,6 +209,7 @@ def _run_stage(
         loggers.append(TensorBoardLogger(stage_dir, name="logs", version="tb"))
     except ModuleNotFoundError:  # pragma: no cover - tensorboardX is a dependency
         pass
+    _quiet_lightning()
     trainer = L.Trainer(
         max_epochs=config["stages"][stage]["epochs"],
         max_steps=max_steps if max_steps else -1,
@@ -215,6 +229,11 @@ def _run_stage(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+        # a resumed stage's folder holds its checkpoints on purpose
+        warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
+        # Lightning's own use of a deprecated PyTorch class, not ours (lightning 2.6, torch 2.13)
+        warnings.filterwarnings("ignore", ".*LeafSpec.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", ".*LeafSpec.*", category=DeprecationWarning)
         trainer.fit(
             module, train_loader, val_loader, ckpt_path=str(last) if last.is_file() else None
         )
@@ -244,6 +263,21 @@ def _run_stage(
         "devices": devices,
         "metrics": metrics,
     }
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's advertising ("Tip: ... try installing litlogger / litmodels")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def _quiet_lightning() -> None:
+    """Lightning has no option for its tips: filter them from its rank-zero loggers (once)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoTips) for f in logger.filters):
+            logger.addFilter(_NoTips())
 
 
 def _train_localiser(dataset, config: dict, out: Path, progress: bool) -> dict:

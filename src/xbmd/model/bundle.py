@@ -162,6 +162,8 @@ class ModelBundle:
 def load_bundle(path: str | Path | None = None) -> ModelBundle:
     """Load a model bundle (None: the bundled default); clear errors for bad files."""
     path = Path(path) if path is not None else default_model_path()
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a model file (give the model's .pt file)")
     if not path.is_file():
         hint = (
             " (the bundled default model is missing from this installation)"

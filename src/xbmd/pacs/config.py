@@ -90,10 +90,14 @@ def load_config(path: str | Path) -> ServiceConfig:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not a configuration file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text; a configuration is a YAML file") from None
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
@@ -106,6 +110,8 @@ def load_config(path: str | Path) -> ServiceConfig:
     if not isinstance(orthanc, dict) or not orthanc.get("url"):
         raise InputError(f"{path}: orthanc.url is missing")
     worklist = raw.get("worklist") or {}
+    if not isinstance(worklist, dict):
+        raise InputError(f"{path}: worklist must be a mapping of settings (port, token_file...)")
     token = _secret(worklist, "token", str(path), base)
     if token is None or len(token) < MIN_TOKEN_CHARS:
         raise InputError(
@@ -152,4 +158,8 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise InputError(f"{path}: unknown settings {', '.join(sorted(extra_keys))}")
     if config.workers < 1 or config.poll_interval_s <= 0 or config.max_attempts < 1:
         raise InputError(f"{path}: workers and max_attempts must be >= 1, poll_interval_s > 0")
+    if not 1 <= config.worklist.port <= 65535:
+        raise InputError(f"{path}: worklist.port {config.worklist.port} is not 1-65535")
+    if config.model is not None and not config.model.is_file():
+        raise InputError(f"{path}: model {config.model} is not a file")
     return config
