@@ -54,9 +54,10 @@ from xbmd.dataset.format import (
 )
 from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, make_sample
 from xbmd.dataset.manifest import ManifestCase, read_manifest
+from xbmd.dataset.radiograph import read_case_xray
 from xbmd.errors import InputError, XbmdError
 from xbmd.geometry import SIDES, rounded
-from xbmd.io.xray import XRay, read_xray
+from xbmd.io.xray import XRay
 from xbmd.registration.optimise import RegistrationSettings
 from xbmd.registration.xray import XrayPoses, known_poses, register_xray, saved_registration
 from xbmd.stages import (
@@ -192,13 +193,13 @@ def _prepare_case(case: ManifestCase, options: _Options) -> _CaseReport:
 def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: CaseLog) -> None:
     keys = _xray_keys(case.xrays)
     case_fp = case_fingerprint(case)
-    xray_fps = {key: file_digest(x) for key, x in zip(keys, case.xrays, strict=True)}
+    xray_prints = {key: _xray_print(case, x) for key, x in zip(keys, case.xrays, strict=True)}
     todo = set()
     for key in keys:
         for side in SIDES:
             npz = _sample_path(options.out, case.case_id, key, side)
             inputs = _sample_inputs(npz)
-            if inputs == {"case": case_fp, "xray": xray_fps[key]}:
+            if inputs == {"case": case_fp, **xray_prints[key]}:
                 continue
             if inputs is not None:  # made from other inputs: never keep it
                 log(f"{key} {side}: inputs changed since the sample was made: made again")
@@ -219,8 +220,15 @@ def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: C
     for xray_path, key in zip(case.xrays, keys, strict=True):
         sides = [s for s in SIDES if (key, s) in todo]
         if sides:
-            prints = fingerprints | {"xray": xray_fps[key]}
+            prints = fingerprints | xray_prints[key]
             _prepare_xray(data, xray_path, key, sides, prints, options, report, log)
+
+
+def _xray_print(case: ManifestCase, xray_path: Path) -> dict:
+    """A radiograph's part of a sample's ``inputs``: its bytes, and the manifest's geometry for
+    it when given (spacing, SDD, SOD: a changed value makes the samples again)."""
+    geometry = {k: v for k, v in case.radiograph(xray_path).given().items() if k != "date"}
+    return {"xray": file_digest(xray_path)} | ({"xray_geometry": geometry} if geometry else {})
 
 
 def _load_case(case: ManifestCase, options: _Options, log: CaseLog, fingerprint: str) -> CaseData:
@@ -269,7 +277,7 @@ def _prepare_xray(
     xray_name = _relative(xray_path, options.manifest_root)
     try:
         with _stage("xray", xray_path):
-            xray = read_xray(xray_path)
+            xray = read_case_xray(xray_path, data.case.radiograph(xray_path))
         patient = _check_patient(xray, data.case, log)
         log(
             f"{key}: {xray.pixels.shape} pixels of {xray.pixel_spacing_mm} mm"
@@ -429,6 +437,8 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options) -> dict:
             "intercept_mg_cm3": data.calibration.intercept_mg_cm3,
         },
         "xray_warnings": list(xray.warnings),
+        "xray_spacing_source": xray.spacing_source,
+        "xray_manifest": case.radiograph(xray_path).given(),
     }
 
 
