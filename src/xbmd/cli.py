@@ -13,6 +13,7 @@ import typer
 from xbmd.commands import calibrate as _calibrate
 from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
+from xbmd.commands import dxa as _dxa
 from xbmd.commands import estimate as _estimate
 from xbmd.commands import evaluate as _evaluate
 from xbmd.commands import landmarks as _landmarks
@@ -42,6 +43,7 @@ app.command("prepare", help=_prepare.HELP)(_prepare.main)
 app.command("estimate", help=_estimate.HELP)(_estimate.main)
 app.command("train", help=_train.HELP)(_train.main)
 app.command("evaluate", help=_evaluate.HELP)(_evaluate.main)
+app.add_typer(_dxa.app, name="dxa", help=_dxa.HELP)
 app.command("serve", help=_serve.HELP)(_serve.main)
 app.command("demo", help=_demo.HELP)(_demo.main)
 
