@@ -1,4 +1,4 @@
-"""`xbmd dxa import`: long DXA sheets (CSV, Excel) into the manifest, sBMD, exam dates, intervals."""
+"""`xbmd dxa import`: long DXA sheets (CSV, Excel) into the manifest; sBMD, dates, intervals."""
 
 from __future__ import annotations
 
@@ -85,10 +85,10 @@ def test_sheet_columns_are_found_bad_rows_listed_and_other_regions_left_out(tmp_
     problems = "\n".join(sheet.problems)
     assert "row 7: BMD 'abc' g/cm2 is not a hip BMD" in problems
     assert "rows 9, 10: patient P3 2024-02-02 left total_hip has different values" in problems
-    mg = read_dxa_sheet(_sheet(tmp_path, "patient,date,side,region,bmd\nP9,2024-01-01,L,neck,812\n"),
-                        bmd_unit="mg/cm2")  # fmt: skip
+    one_row = "patient,date,side,region,bmd\nP9,2024-01-01,L,neck,812\n"
+    mg = read_dxa_sheet(_sheet(tmp_path, one_row), bmd_unit="mg/cm2")
     assert mg.values[0].bmd_g_cm2 == pytest.approx(0.812) and mg.values[0].vendor == "unknown"
-    with pytest.raises(InputError, match="lacks column.*exam_date.*--column"):
+    with pytest.raises(InputError, match=r"lacks column.*exam_date.*--column"):
         read_dxa_sheet(_sheet(tmp_path, "patient,when,side,region,bmd\nP9,x,L,neck,0.8\n"))
     renamed = read_dxa_sheet(
         _sheet(tmp_path, "patient,when,side,region,bmd\nP9,01.02.2024,L,neck,0.8\n"),
@@ -206,5 +206,5 @@ def test_an_excel_sheet_reads_like_its_csv(tmp_path):
     with pytest.raises(InputError, match="no sheet 'Results'"):
         read_dxa_sheet(tmp_path / "dxa.xlsx", sheet="Results")
     (tmp_path / "broken.xlsx").write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="not a readable .xlsx workbook"):
+    with pytest.raises(InputError, match=r"not a readable \.xlsx workbook"):
         read_dxa_sheet(tmp_path / "broken.xlsx")

@@ -105,5 +105,7 @@ def test_bad_inputs():
         deming([1, np.nan, 2], [1, 2, np.nan])
     with pytest.raises(ValueError, match="unknown method"):
         fit_line([1, 2, 3], [1, 2, 3], "ols")
+    with pytest.raises(ValueError, match="needs a positive relation"):
+        passing_bablok([1, 2, 3, 4, 5], [5, 3, 1, -1, -3])
     with pytest.raises(ValueError, match="delta"):
         deming([1, 2, 3], [1, 2, 3], delta=0)

@@ -30,8 +30,9 @@ def test_a_png_without_spacing_is_refused_with_the_column_to_fill(tiny_cohort, t
     )
     (failure,) = summary["failures"]
     assert failure["stage"] == "xray" and summary["samples_in_index"] == 0
-    assert "xray_01.png" in failure["error"] and "PNG radiograph has no pixel spacing" in (
-        failure["error"]
+    assert (
+        "xray_01.png" in failure["error"]
+        and "PNG radiograph has no pixel spacing" in (failure["error"])
     )
     assert "xray_pixel_spacing_mm" in failure["error"]
 

@@ -42,10 +42,14 @@ class BmdUnit(str, Enum):
 
 
 def import_(
-    sheet: Path = typer.Argument(..., help="The DXA sheet: CSV (comma, semicolon or tab) or .xlsx."),
+    sheet: Path = typer.Argument(
+        ..., help="The DXA sheet: CSV (comma, semicolon or tab) or .xlsx."
+    ),
     out: Path = typer.Option(
-        ..., "--out", help="The manifest to fill in place, or where the filled manifest (with "
-        "--manifest) or the wide DXA table (no manifest) goes."
+        ...,
+        "--out",
+        help="The manifest to fill in place, or where the filled manifest (with "
+        "--manifest) or the wide DXA table (no manifest) goes.",
     ),
     manifest: Path | None = typer.Option(
         None, "--manifest", help="The case manifest to fill (written to --out)."

@@ -20,8 +20,16 @@ HELP = (
     "after JPEG compression, exposure, gamma and noise. Writes REPORT/report.html "
     "(self-contained), metrics.json, predictions.csv and figures/. Exit code 0 when every "
     "sample was evaluated, 2 when some could not be read (listed in metrics.json), 1 on "
-    "unusable input."
+    "unusable input. With DXA in the data it also fits the site-calibration line estimate -> "
+    "DXA (Passing-Bablok or Deming, one point per hip) and writes REPORT/site_calibration.json "
+    "for xbmd estimate --site-calibration."
 )
+
+
+class SiteFit(str, Enum):
+    passing_bablok = "passing-bablok"
+    deming = "deming"
+    none = "none"
 
 
 class Target(str, Enum):
@@ -54,6 +62,19 @@ def main(
         help="Comma list of: pose (reproducibility), jpeg, exposure, gamma, noise; 'none' for "
         "none.",
     ),
+    site_fit: SiteFit = typer.Option(
+        SiteFit.passing_bablok,
+        "--site-fit",
+        help="With DXA in the data: fit the line estimate -> site DXA (one point per hip) and "
+        "write it to REPORT/site_calibration.json for xbmd estimate --site-calibration; none: "
+        "no fit.",
+    ),
+    deming_delta: float = typer.Option(
+        1.0,
+        "--deming-delta",
+        min=1e-6,
+        help="Deming only: ratio of the error variances, var(DXA error) / var(estimate error).",
+    ),
     batch: int = typer.Option(16, "--batch", min=1, help="Hips per model call."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -82,6 +103,8 @@ def main(
             batch=batch,
             command="xbmd evaluate " + " ".join(sys.argv[2:]),
             progress=bar,
+            site_fit=None if site_fit is SiteFit.none else site_fit.value,
+            site_delta=deming_delta,
         )
     for line in summary_lines(metrics):
         typer.echo(line)
@@ -136,5 +159,12 @@ def summary_lines(metrics: dict) -> list[str]:
             lines.append(
                 f"JPEG target (mean |change| <= 1 % at quality >= 50): {'met' if met else 'MISSED'}"
             )
+    site = metrics.get("site_calibration")
+    if site:
+        lines.append(
+            f"site calibration ({site['method']}, {site['n_hips']} hips): DXA = "
+            f"{f(site['intercept'], '+.4f')} + {f(site['slope'], '.4f')} x estimate"
+            + (f" -> {site['file']}" if site.get("file") else " (not written)")
+        )
     lines.append(f"run time {metrics['runtime_s'].get('total', 0):.1f} s")
     return lines

@@ -149,7 +149,9 @@ def _cells_csv(path: Path) -> list[list[object]]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
-        raise InputError(f"{path}: not a UTF-8 CSV (save the sheet as UTF-8, or as .xlsx)") from None
+        raise InputError(
+            f"{path}: not a UTF-8 CSV (save the sheet as UTF-8, or as .xlsx)"
+        ) from None
     sample = text[:4096]
     try:
         dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
@@ -174,9 +176,7 @@ def _cells_xlsx(path: Path, sheet: str | None) -> list[list[object]]:
         raise InputError(f"{path}: not a readable .xlsx workbook ({exc})") from None
     try:
         if sheet is not None and sheet not in book.sheetnames:
-            raise InputError(
-                f"{path}: no sheet {sheet!r} (sheets: {', '.join(book.sheetnames)})"
-            )
+            raise InputError(f"{path}: no sheet {sheet!r} (sheets: {', '.join(book.sheetnames)})")
         ws = book[sheet] if sheet is not None else book.worksheets[0]
         rows = [list(r) for r in ws.iter_rows(values_only=True)]
     finally:
@@ -310,7 +310,9 @@ def read_dxa_sheet(
                 else (vendor or "unknown")
             )
             values.append(
-                DxaValue(patient, _date(cell("exam_date"), date_format), side, region, bmd, maker, n)
+                DxaValue(
+                    patient, _date(cell("exam_date"), date_format), side, region, bmd, maker, n
+                )
             )
         except (ValueError, TypeError) as exc:
             problems.append(f"{path}, row {n}: {exc}")

@@ -186,9 +186,7 @@ class ManifestCase:
         row |= {c: _num(self.dxa_g_cm2.get(c)) for c in DXA_COLUMNS}
         row[IMPLANTS_COLUMN] = format_implants(self.implants)
         infos = [self.radiograph(x) for x in self.xrays]
-        row["xray_pixel_spacing_mm"] = _per_xray(
-            [_spacing_text(i.pixel_spacing_mm) for i in infos]
-        )
+        row["xray_pixel_spacing_mm"] = _per_xray([_spacing_text(i.pixel_spacing_mm) for i in infos])
         row["xray_sdd_mm"] = _per_xray([_num(i.sdd_mm) for i in infos])
         row["xray_sod_mm"] = _per_xray([_num(i.sod_mm) for i in infos])
         row["xray_dates"] = _per_xray([i.date.isoformat() if i.date else "" for i in infos])

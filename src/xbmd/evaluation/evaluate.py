@@ -618,17 +618,22 @@ def evaluate(
     batch: int = 16,
     command: str = "",
     progress: Callable | None = None,
+    site_fit: str | None = "passing-bablok",
+    site_delta: float = 1.0,
 ) -> dict:
     """Evaluate and write ``out``/{metrics.json, predictions.csv, report.html, figures/}.
 
     Give ``dataset`` (with ``model``, None = the bundled default) or ``predictions``. Returns
-    the metrics.
+    the metrics. With DXA in the data, ``site_fit`` ('passing-bablok', 'deming' with error
+    ratio ``site_delta``, or None) fits the site-calibration line estimate -> DXA and writes it
+    to ``out``/site_calibration.json (``xbmd.evaluation.site_fit``).
     """
     import datetime
     import json
 
     from xbmd import __version__
     from xbmd.evaluation.report import write_report
+    from xbmd.evaluation.site_fit import FILE_NAME, fit_site_calibration
 
     if (dataset is None) == (predictions is None):
         raise InputError("give either a dataset (with a model) or a predictions CSV")
@@ -669,6 +674,19 @@ def evaluate(
         t1 = time.perf_counter()
         robust = robustness_section(run, primary[0], perturbations, batch, progress=progress)
         runtime["robustness"] = time.perf_counter() - t1
+    if site_fit:
+        model_info = {}
+        if run is not None:
+            model_info = {
+                "path": str(run.bundle.source),
+                "created": run.bundle.created,
+                "xbmd_version": run.bundle.xbmd_version,
+            }
+        calibration, site_section, reasons["site_calibration"] = fit_site_calibration(
+            samples, site_fit, site_delta, model_info, dataset
+        )
+    else:
+        calibration, site_section, reasons["site_calibration"] = None, None, "not requested"
     rows = table(samples, primary)
     _, unit, label = TARGETS[target]
     metrics = {
@@ -693,12 +711,16 @@ def evaluate(
         "decomposition": decomposition,
         "reproducibility": repro,
         "robustness": robust,
+        "site_calibration": site_section,
         "not_available": {k: v for k, v in reasons.items() if v},
         "failures": failures,
         "runtime_s": runtime,
     }
     metrics = plain(metrics)
     out.mkdir(parents=True, exist_ok=True)
+    if calibration is not None:
+        calibration.write(out / FILE_NAME)
+        metrics["site_calibration"]["file"] = FILE_NAME
     write_predictions(rows, out / "predictions.csv")
     t2 = time.perf_counter()
     write_report(out, metrics, rows, gallery(run, primary) if run else [])

@@ -116,7 +116,14 @@ def deming(x, y, delta: float = 1.0, alpha: float = 0.05) -> LineFit:
         return (float(centre - t * se), float(centre + t * se))
 
     return LineFit(
-        "deming", slope, intercept, interval(slope, loo), interval(intercept, loo_a), n, alpha, delta
+        "deming",
+        slope,
+        intercept,
+        interval(slope, loo),
+        interval(intercept, loo_a),
+        n,
+        alpha,
+        delta,
     )
 
 
@@ -149,13 +156,18 @@ def passing_bablok(x, y, alpha: float = 0.05) -> LineFit:
     if big_n == 0:
         raise ValueError("Passing-Bablok regression: all pairs are identical")
     k = int(np.sum(s < -1))
+    if big_n // 2 + k + 1 > big_n:  # most slopes below -1: the shifted median leaves the list
+        raise ValueError(
+            "Passing-Bablok regression needs a positive relation between the two methods "
+            f"({k} of {big_n} pairwise slopes are below -1)"
+        )
     if big_n % 2:
         slope = float(s[(big_n + 1) // 2 + k - 1])
     else:
         slope = float((s[big_n // 2 + k - 1] + s[big_n // 2 + k]) / 2)
     intercept = float(np.median(y - slope * x))
     c = stats.norm.ppf(1 - alpha / 2) * math.sqrt(n * (n - 1) * (2 * n + 5) / 18)
-    m1 = int(math.floor((big_n - c) / 2 + 0.5))  # round half up, as the paper's tables
+    m1 = math.floor((big_n - c) / 2 + 0.5)  # round half up, as the paper's tables
     m2 = big_n - m1 + 1
     lo = float(s[m1 + k - 1]) if 1 <= m1 + k <= big_n else math.nan
     hi = float(s[m2 + k - 1]) if 1 <= m2 + k <= big_n else math.nan
