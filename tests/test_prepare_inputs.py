@@ -92,3 +92,38 @@ def test_a_tiff_without_spacing_names_its_format(tmp_path):
         read_case_xray(tmp_path / "hip.tif")
     xray = read_case_xray(tmp_path / "hip.tif", RadiographInfo((0.2, 0.2)))
     assert xray.pixel_spacing_mm == (0.2, 0.2) and xray.spacing_source == "user"
+
+
+def test_prepare_draws_each_registration_next_to_its_json(tiny_cohort, tmp_path):
+    """A saved registration (here the truth) reused by prepare gets its QC overlay: each bone's
+    outline in its own colour, where the truth projects it."""
+    from PIL import Image
+
+    from xbmd.registration.overlay import COLOURS
+
+    case = read_manifest(tiny_cohort / "manifest.csv")[1]
+    write_manifest([case], tmp_path / "manifest.csv")
+    truth = json.loads(case.known_poses.read_text())["xrays"][0]
+    poses = {n: p | {"similarity": 0.8, "quality": "good"} for n, p in truth["poses"].items()}
+    saved = tmp_path / "ds" / "registrations" / case.case_id / "xray_01.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(json.dumps({"geometry": truth["geometry"], "poses": poses}))
+    summary = prepare_dataset(tmp_path / "manifest.csv", tmp_path / "ds", progress=False)
+    assert summary["samples_written"] == 2
+    overlay = saved.with_suffix(".png")
+    rgb = np.asarray(Image.open(overlay).convert("RGB")).astype(int)
+    assert rgb.shape[:2] == tuple(truth["geometry"]["size_px"])
+    rows, cols = np.indices(rgb.shape[:2])
+    for side in ("left", "right"):
+        colour = np.array(COLOURS[f"femur_{side}"])
+        outline = np.all(rgb == colour, axis=-1) & (rows > 60)  # below the text lines
+        head = np.array(truth["projected_landmarks"][side]["head_center_px"])
+        near = np.hypot(rows - head[0], cols - head[1]) < 40 / 1.6  # within 40 mm of the head
+        # the outline of the femur runs around its head: a good part of it lies near there
+        assert (outline & near).sum() > 20, side
+    sidecar = json.loads(next((tmp_path / "ds" / "samples").rglob("*_left.json")).read_text())
+    assert sidecar["registration"]["overlay"] == f"registrations/{case.case_id}/xray_01.png"
+    # kept on a re-run; drawn again when missing
+    mtime = overlay.stat().st_mtime_ns
+    prepare_dataset(tmp_path / "manifest.csv", tmp_path / "ds", progress=False)
+    assert overlay.stat().st_mtime_ns == mtime

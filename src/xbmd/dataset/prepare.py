@@ -65,6 +65,7 @@ from xbmd.stages import (
     claim_folder,
     run_cases,
     safe_name,
+    write_atomic,
     write_csv,
     write_json,
     write_npz,
@@ -331,17 +332,53 @@ def _xray_poses(
                 result = saved_registration(path, xray, file)
                 report.registrations_reused += 1
                 log(f"{key}: registration reused from {file} ({result.quality_text()})")
+                if not path.with_suffix(".png").exists():
+                    _write_overlay(data, xray, result, path.with_suffix(".png"), log)
                 return result
             log(f"{key}: inputs changed since {file} was registered: registered again")
     with _stage("registration", xray_path):
         t0 = time.perf_counter()
         reg = register_xray(data.scene(), xray, settings=options.settings)
         reg.ct = str(case.ct)
+        path.with_suffix(".png").unlink(missing_ok=True)  # an overlay of older poses
         write_json(path, reg.to_dict() | {"inputs": prints})
         report.registrations_run += 1
         result = saved_registration(path, xray, file)
     log(f"{key}: registered in {time.perf_counter() - t0:.1f} s ({result.quality_text()})")
+    _write_overlay(data, xray, result, path.with_suffix(".png"), log)
     return result
+
+
+def _write_overlay(data: CaseData, xray: XRay, poses: XrayPoses, path: Path, log: CaseLog) -> None:
+    """The registration's QC picture next to its JSON: each bone's outline in its registered
+    pose over the radiograph, with its similarity and flag (``xbmd.registration.overlay``). A
+    picture that cannot be made is logged, not a failure of the samples."""
+    import math
+
+    from xbmd.registration.overlay import write_registration_overlay
+    from xbmd.registration.result import BodyResult, Registration
+
+    scene = data.scene()
+    try:
+        bodies = {
+            name: BodyResult(
+                name,
+                pose.about(scene.centre(name)),
+                poses.similarity.get(name, math.nan),
+                poses.quality.get(name) == "flagged",
+                list(poses.reasons.get(name, [])),
+            )
+            for name, pose in poses.poses.items()
+            if name in scene.bodies
+        }
+        registration = Registration(poses.geometry, bodies)
+        title = f"{data.case.case_id} {Path(str(xray.source)).name}"
+        write_atomic(
+            path,
+            lambda tmp: write_registration_overlay(xray.pixels, scene, registration, tmp, title),
+        )
+    except Exception as exc:  # a QC picture must not cost the samples
+        log(f"{path.name}: no overlay ({type(exc).__name__}: {exc})")
 
 
 def _write_sample(
@@ -426,6 +463,9 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options) -> dict:
         "registration": {
             "pose_source": poses.source,
             "file": poses.file,
+            "overlay": str(Path(poses.file).with_suffix(".png").as_posix())
+            if poses.source == "registered"
+            else None,
             "similarity": round(min(sims), 5) if sims else None,
             "similarity_by_body": {n: poses.similarity[n] for n in poses.similarity},
             "warnings": poses.warnings,
