@@ -39,6 +39,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -114,11 +115,15 @@ class Case:
         return float(drr[region].mean())
 
 
-def run_one(case: Case, xray: dict, strategy: str, init, seed: int) -> list[dict]:
+def run_one(
+    case: Case, xray: dict, strategy: str, init, seed: int, levels: tuple | None = None
+) -> list[dict]:
     image = read_xray(case.dir / xray["dicom"])
     geometry, _ = xray_geometry(image)
     truth = case.true_poses(xray)
     settings = RegistrationSettings(strategy=strategy, seed=seed)
+    if levels:
+        settings = replace(settings, level_pixels_mm=tuple(levels))
     t0 = time.perf_counter()
     reg = register(case.scene, image.pixels, geometry, settings=settings, init=init)
     total = time.perf_counter() - t0
@@ -309,7 +314,9 @@ def figure(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def run_case(case_dir: Path, jobs: list[tuple], threads: int) -> list[dict]:
+def run_case(
+    case_dir: Path, jobs: list[tuple], threads: int, levels: tuple | None = None
+) -> list[dict]:
     """Every registration of one case: jobs are (xray index, strategy, perturbation of each
     body's true pose or None for the default start, seed). In a worker process with ``threads``
     PyTorch threads."""
@@ -320,7 +327,7 @@ def run_case(case_dir: Path, jobs: list[tuple], threads: int) -> list[dict]:
         xray = case.truth["xrays"][i]
         truth = case.true_poses(xray)
         start = None if deltas is None else {n: perturb(truth[n], d) for n, d in deltas.items()}
-        new = run_one(case, xray, strategy, start, seed)
+        new = run_one(case, xray, strategy, start, seed, levels)
         rows += new
         print(
             f"{case_dir.name} {xray['name']} {strategy:13s} "
@@ -367,6 +374,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="cases registered at once")
     ap.add_argument("--bmd-limit", type=float, default=BMD_LIMIT_PERCENT)
+    ap.add_argument(
+        "--levels",
+        default=None,
+        help="pyramid pixel sizes (mm), e.g. 2.4,1.2,0.6,0.3 (default: the registration's); "
+        "the pelvis uses the first two, the femurs all",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_out/registration.json"))
     ap.add_argument("--figure", type=Path, default=Path("bench_out/registration.png"))
@@ -376,17 +389,18 @@ def main() -> None:
     if args.only:
         wanted = set(args.only.split(","))
         todo = [(d, jobs) for d, jobs in todo if d.name in wanted]
+    levels = tuple(float(v) for v in args.levels.split(",")) if args.levels else None
     t_start = time.perf_counter()
     rows = []
     if args.workers <= 1:
         for case_dir, jobs in todo:
-            rows += run_case(case_dir, jobs, args.threads)
+            rows += run_case(case_dir, jobs, args.threads, levels)
     else:
         from concurrent.futures import ProcessPoolExecutor
 
         threads = max(1, args.threads // args.workers)
         with ProcessPoolExecutor(args.workers) as pool:
-            futures = [pool.submit(run_case, d, jobs, threads) for d, jobs in todo]
+            futures = [pool.submit(run_case, d, jobs, threads, levels) for d, jobs in todo]
             for future in futures:
                 rows += future.result()
     wall = time.perf_counter() - t_start
