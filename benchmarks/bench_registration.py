@@ -13,14 +13,24 @@ Reported per body:
   region, from the registered pose versus from the true pose (relative difference);
 - time per body on this machine (``--threads``), similarity, quality flag.
 
+Two definitions of success are reported: the strict one (rotation error <= 1 degree and mPD
+<= 1 mm), and the one that matters for the training labels (``--bmd-limit``): mPD <= 1 mm and,
+for a femur, the PF-DRR BMD within 0.5 % of the true pose's. For each, how many misses the
+quality flag caught. The femurs' rotation errors are split by room axis (x: flexion, about the
+detector's horizontal axis; y: about the beam; z: about the detector's vertical axis).
+
 The strategies ``cma+gradient`` (default), ``gradient`` (gradient descent only) and ``cma`` (CMA-ES
 only) run on the same radiographs and the same perturbations (``--compare N``: the first N
 radiographs), so their accuracy and time compare directly. ``--default-init`` adds a run from the
 default AP pose (no pose given: what ``xbmd register`` does) on the same radiographs.
 
+``--workers N`` registers N cases at once (processes; each gets ``--threads`` // N PyTorch
+threads); the numbers do not depend on it, the times do.
+
 Usage::
 
     python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 10
+    python benchmarks/bench_registration.py --cohort bench_out/reg20 --compare 0 --workers 2
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +57,18 @@ from xbmd.registration.result import projected_distance_mm, rotation_error_deg
 from xbmd.registration.scene import build_scene
 
 
-def perturb(pose: BodyPose, rng: np.random.Generator) -> BodyPose:
+def draw_perturbation(rng: np.random.Generator) -> np.ndarray:
     """Up to 10 degrees about each axis, 20 mm in-plane (x, z), 50 mm along the beam (y)."""
-    v = pose.vector.copy()
-    v[:3] += rng.uniform(-10.0, 10.0, 3)
-    v[[3, 5]] += rng.uniform(-20.0, 20.0, 2)
-    v[4] += rng.uniform(-50.0, 50.0)
+    d = np.zeros(6)
+    d[:3] = rng.uniform(-10.0, 10.0, 3)
+    d[[3, 5]] = rng.uniform(-20.0, 20.0, 2)
+    d[4] = rng.uniform(-50.0, 50.0)
+    return d
+
+
+def perturb(pose: BodyPose, delta: np.ndarray) -> BodyPose:
+    """The pose with ``delta`` added to its parameters (about its own centre)."""
+    v = pose.vector + delta
     return BodyPose(pose.label_ids, pose.isocenter_mm, RigidTransform.from_vector(v))
 
 
@@ -98,11 +115,15 @@ class Case:
         return float(drr[region].mean())
 
 
-def run_one(case: Case, xray: dict, strategy: str, init, seed: int) -> list[dict]:
+def run_one(
+    case: Case, xray: dict, strategy: str, init, seed: int, levels: tuple | None = None
+) -> list[dict]:
     image = read_xray(case.dir / xray["dicom"])
     geometry, _ = xray_geometry(image)
     truth = case.true_poses(xray)
     settings = RegistrationSettings(strategy=strategy, seed=seed)
+    if levels:
+        settings = replace(settings, level_pixels_mm=tuple(levels))
     t0 = time.perf_counter()
     reg = register(case.scene, image.pixels, geometry, settings=settings, init=init)
     total = time.perf_counter() - t0
@@ -143,13 +164,28 @@ def _rotvec_deg(a: BodyPose, b: BodyPose) -> list[float]:
     return [float(v) for v in np.degrees(Rotation.from_matrix(r).as_rotvec())]
 
 
-def summarise(rows: list[dict], label: str) -> dict:
+#: Second definition of success: projected landmarks within this (mm) ...
+MPD_LIMIT_MM = 1.0
+#: ... and a femur's PF-DRR BMD within this (%) of the true pose's.
+BMD_LIMIT_PERCENT = 0.5
+
+
+def label_success(row: dict, bmd_limit: float = BMD_LIMIT_PERCENT) -> bool:
+    """mPD <= 1 mm and, for a femur, |PF-DRR BMD difference| <= ``bmd_limit`` %."""
+    ok = row["mpd_mm"] <= MPD_LIMIT_MM
+    if "pf_bmd_diff_percent" in row:
+        ok = ok and abs(row["pf_bmd_diff_percent"]) <= bmd_limit
+    return bool(ok)
+
+
+def summarise(rows: list[dict], label: str, bmd_limit: float = BMD_LIMIT_PERCENT) -> dict:
     out = {"label": label, "registrations": len(rows)}
     if not rows:
         return out
     rot = np.array([r["rotation_error_deg"] for r in rows])
     mpd = np.array([r["mpd_mm"] for r in rows])
     ok = (rot <= 1.0) & (mpd <= 1.0)
+    ok_labels = np.array([label_success(r, bmd_limit) for r in rows])
     flagged = np.array([r["flagged"] for r in rows])
     out |= {
         "success_percent": 100.0 * ok.mean(),
@@ -159,10 +195,19 @@ def summarise(rows: list[dict], label: str) -> dict:
         "flagged_percent": 100.0 * flagged.mean(),
         "failed_not_flagged": int((~ok & ~flagged).sum()),
         "flagged_but_fine": int((ok & flagged).sum()),
+        "label_success_percent": 100.0 * ok_labels.mean(),
+        "label_misses": int((~ok_labels).sum()),
+        "label_misses_flagged": int((~ok_labels & flagged).sum()),
+        "label_misses_not_flagged": int((~ok_labels & ~flagged).sum()),
+        "label_fine_but_flagged": int((ok_labels & flagged).sum()),
     }
     pf = [abs(r["pf_bmd_diff_percent"]) for r in rows if "pf_bmd_diff_percent" in r]
     if pf:
         out["pf_bmd_abs_diff_percent"] = _dist(np.array(pf))
+    axes = np.abs(np.array([r["rotation_error_axes_deg"] for r in rows]))
+    out["rotation_error_by_axis_deg"] = {
+        name: _dist(axes[:, i]) for i, name in enumerate(("x_flexion", "y_beam", "z_vertical"))
+    }
     return out
 
 
@@ -180,7 +225,7 @@ def print_table(summaries: list[dict]) -> None:
     head = (
         f"{'run':34s} {'n':>4s} {'ok%':>6s} {'rot med/p95/max (deg)':>24s} "
         f"{'mPD med/p95/max (mm)':>22s} {'|dBMD| med/p95 %':>17s} {'time med/p90 s':>15s} "
-        f"{'flag%':>6s} {'bad!flag':>8s}"
+        f"{'flag%':>6s} {'bad!flag':>8s} {'label ok%':>9s} {'miss/flagged':>12s}"
     )
     print(head)
     for s in summaries:
@@ -194,8 +239,19 @@ def print_table(summaries: list[dict]) -> None:
             f"{r['median']:7.2f}/{r['p95']:6.2f}/{r['max']:7.2f}   "
             f"{m['median']:6.2f}/{m['p95']:5.2f}/{m['max']:7.2f}  {pf_txt:>17s} "
             f"{t['median']:7.1f}/{t['p90']:5.1f}  {s['flagged_percent']:6.1f} "
-            f"{s['failed_not_flagged']:8d}"
+            f"{s['failed_not_flagged']:8d} {s['label_success_percent']:9.1f} "
+            f"{s['label_misses']:5d}/{s['label_misses_flagged']:<6d}"
         )
+    for s in summaries:
+        if s["registrations"] and s["label"].endswith("perturbed femur"):
+            axes = s["rotation_error_by_axis_deg"]
+            print(
+                f"{s['label']}: |rotation error| by room axis, median / p95 / max (deg): "
+                + "; ".join(
+                    f"{k} {v['median']:.2f} / {v['p95']:.2f} / {v['max']:.2f}"
+                    for k, v in axes.items()
+                )
+            )
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -258,46 +314,96 @@ def figure(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--cohort", type=Path, default=Path("bench_out/reg20"))
-    ap.add_argument("--cases", type=int, default=None, help="first N cases (default all)")
-    ap.add_argument("--xrays", type=int, default=None, help="first N radiographs per case")
-    ap.add_argument("--compare", type=int, default=8, help="radiographs for the other strategies")
-    ap.add_argument("--default-init", type=int, default=0, help="radiographs from the default pose")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=Path("bench_out/registration.json"))
-    ap.add_argument("--figure", type=Path, default=Path("bench_out/registration.png"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    case_dirs = sorted(p for p in (args.cohort / "cases").iterdir() if p.is_dir())[: args.cases]
+def run_case(
+    case_dir: Path, jobs: list[tuple], threads: int, levels: tuple | None = None
+) -> list[dict]:
+    """Every registration of one case: jobs are (xray index, strategy, perturbation of each
+    body's true pose or None for the default start, seed). In a worker process with ``threads``
+    PyTorch threads."""
+    torch.set_num_threads(threads)
+    case = Case(case_dir)
+    rows = []
+    for i, strategy, deltas, seed in jobs:
+        xray = case.truth["xrays"][i]
+        truth = case.true_poses(xray)
+        start = None if deltas is None else {n: perturb(truth[n], d) for n, d in deltas.items()}
+        new = run_one(case, xray, strategy, start, seed, levels)
+        rows += new
+        print(
+            f"{case_dir.name} {xray['name']} {strategy:13s} "
+            f"{'perturbed' if start else 'default':9s} "
+            + "  ".join(
+                f"{r['body']}: {r['rotation_error_deg']:.2f}deg {r['mpd_mm']:.2f}mm "
+                f"{r['time_s']:.1f}s{' FLAG' if r['flagged'] else ''}"
+                for r in new
+            ),
+            flush=True,
+        )
+    return rows
+
+
+def plan(case_dirs: list[Path], args) -> list[tuple[Path, list[tuple]]]:
+    """The registrations to run per case, with their perturbed starts drawn in one stream (so
+    they do not depend on --workers)."""
     rng = np.random.default_rng(args.seed)
-    rows, n_xray = [], 0
+    out, n_xray = [], 0
     for case_dir in case_dirs:
-        case = Case(case_dir)
-        for xray in case.truth["xrays"][: args.xrays]:
-            truth = case.true_poses(xray)
-            init = {n: perturb(p, rng) for n, p in truth.items()}
+        truth = json.loads((case_dir / "truth.json").read_text())
+        jobs = []
+        for i, xray in enumerate(truth["xrays"][: args.xrays]):
+            init = {n: draw_perturbation(rng) for n in xray["poses"]}
             runs = [("cma+gradient", init)]
             if n_xray < args.compare:
                 runs += [("gradient", init), ("cma", init)]
             if n_xray < args.default_init:
                 runs += [("cma+gradient", None)]
-            for strategy, start in runs:
-                new = run_one(case, xray, strategy, start, args.seed + n_xray)
-                rows += new
-                print(
-                    f"{case_dir.name} {xray['name']} {strategy:13s} "
-                    f"{'perturbed' if start else 'default':9s} "
-                    + "  ".join(
-                        f"{r['body']}: {r['rotation_error_deg']:.2f}deg {r['mpd_mm']:.2f}mm "
-                        f"{r['time_s']:.1f}s{' FLAG' if r['flagged'] else ''}"
-                        for r in new
-                    ),
-                    flush=True,
-                )
+            jobs += [(i, strategy, start, args.seed + n_xray) for strategy, start in runs]
             n_xray += 1
+        out.append((case_dir, jobs))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cohort", type=Path, default=Path("bench_out/reg20"))
+    ap.add_argument("--cases", type=int, default=None, help="first N cases (default all)")
+    ap.add_argument("--only", default=None, help="comma list of case folder names to run")
+    ap.add_argument("--xrays", type=int, default=None, help="first N radiographs per case")
+    ap.add_argument("--compare", type=int, default=8, help="radiographs for the other strategies")
+    ap.add_argument("--default-init", type=int, default=0, help="radiographs from the default pose")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1, help="cases registered at once")
+    ap.add_argument("--bmd-limit", type=float, default=BMD_LIMIT_PERCENT)
+    ap.add_argument(
+        "--levels",
+        default=None,
+        help="pyramid pixel sizes (mm), e.g. 2.4,1.2,0.6,0.3 (default: the registration's); "
+        "the pelvis uses the first two, the femurs all",
+    )
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("bench_out/registration.json"))
+    ap.add_argument("--figure", type=Path, default=Path("bench_out/registration.png"))
+    args = ap.parse_args()
+    case_dirs = sorted(p for p in (args.cohort / "cases").iterdir() if p.is_dir())[: args.cases]
+    todo = plan(case_dirs, args)  # drawn over all cases, then filtered: same starts as a full run
+    if args.only:
+        wanted = set(args.only.split(","))
+        todo = [(d, jobs) for d, jobs in todo if d.name in wanted]
+    levels = tuple(float(v) for v in args.levels.split(",")) if args.levels else None
+    t_start = time.perf_counter()
+    rows = []
+    if args.workers <= 1:
+        for case_dir, jobs in todo:
+            rows += run_case(case_dir, jobs, args.threads, levels)
+    else:
+        from concurrent.futures import ProcessPoolExecutor
+
+        threads = max(1, args.threads // args.workers)
+        with ProcessPoolExecutor(args.workers) as pool:
+            futures = [pool.submit(run_case, d, jobs, threads, levels) for d, jobs in todo]
+            for future in futures:
+                rows += future.result()
+    wall = time.perf_counter() - t_start
     summaries = []
     for strategy, init in [
         ("cma+gradient", "perturbed"),
@@ -309,18 +415,31 @@ def main() -> None:
         compared = {(r["case"], r["xray"]) for r in rows if r["strategy"] == "gradient"}
         for body in ("all", "pelvis", "femur"):
             part = [r for r in sel if body == "all" or r["body"].startswith(body)]
-            summaries.append(summarise(part, f"{strategy} {init} {body}"))
+            summaries.append(summarise(part, f"{strategy} {init} {body}", args.bmd_limit))
         if strategy == "cma+gradient" and init == "perturbed":
             same = [r for r in sel if (r["case"], r["xray"]) in compared]
-            summaries.append(summarise(same, "cma+gradient perturbed (compared)"))
+            summaries.append(summarise(same, "cma+gradient perturbed (compared)", args.bmd_limit))
     print()
     print_table(summaries)
+    misses = [r for r in rows if not label_success(r, args.bmd_limit)]
+    print(f"\nmisses by projected landmarks (> {MPD_LIMIT_MM:g} mm) or PF-DRR BMD (> "
+          f"{args.bmd_limit:g} %):")  # fmt: skip
+    for r in misses:
+        print(
+            f"  {r['case']} {r['xray']} {r['strategy']} {r['init']} {r['body']}: "
+            f"{r['rotation_error_deg']:.2f} deg, {r['mpd_mm']:.2f} mm, dBMD "
+            f"{r.get('pf_bmd_diff_percent', float('nan')):+.3f} %, "
+            + ("FLAGGED: " + "; ".join(r["reasons"]) if r["flagged"] else "NOT FLAGGED")
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"summaries": summaries, "rows": rows}, indent=1))
+    args.out.write_text(
+        json.dumps({"summaries": summaries, "rows": rows, "wall_s": wall}, indent=1)
+    )
     figure(rows, args.figure)
     print(
         f"\nrows: {args.out}   figure: {args.figure}   "
-        f"median time per radiograph: {statistics.median(r['xray_time_s'] for r in rows):.1f} s"
+        f"median time per radiograph: {statistics.median(r['xray_time_s'] for r in rows):.1f} s; "
+        f"wall clock {wall / 60:.1f} min with {args.workers} worker(s)"
     )
 
 

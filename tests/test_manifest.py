@@ -124,3 +124,69 @@ def test_bad_implants_name_the_line(tmp_path, value, message):
     with pytest.raises(InputError, match="line 2") as err:
         read_manifest(path)
     assert message in str(err.value)
+
+
+def test_radiograph_geometry_dates_and_dxa_provenance_round_trip(tmp_path):
+    import datetime
+
+    from xbmd.dataset.manifest import RadiographInfo
+
+    xrays = [tmp_path / "cases" / "c1" / "a.png", tmp_path / "cases" / "c1" / "b.png"]
+    infos = {
+        str(xrays[0]): RadiographInfo((0.15, 0.15), 1100.0, 950.0, datetime.date(2024, 3, 1)),
+        str(xrays[1]): RadiographInfo((0.2, 0.25), 1150.0, None, datetime.date(2024, 3, 2)),
+    }
+    full = case(
+        tmp_path,
+        xrays=xrays,
+        radiographs=infos,
+        ct_date=datetime.date(2024, 2, 20),
+        dxa_dates={"left": datetime.date(2024, 1, 5)},
+        dxa_vendors={"left": "lunar"},
+        dxa_scale="hologic",
+    )
+    write_manifest([full, case(tmp_path, "c2")], tmp_path / "m.csv")
+    header, first, second = (tmp_path / "m.csv").read_text().splitlines()
+    extra = ["xray_pixel_spacing_mm", "xray_sdd_mm", "xray_sod_mm", "xray_dates", "ct_date",
+             "dxa_date_left", "dxa_vendor_left", "dxa_scale"]  # fmt: skip
+    assert header == ",".join([*COLUMNS, *extra])
+    assert ",0.15;0.2x0.25,1100;1150,950;,2024-03-01;2024-03-02,2024-02-20," in first
+    assert second.endswith(",,,,,,,,")
+    back = read_manifest(tmp_path / "m.csv")
+    assert back[0].radiograph(back[0].xrays[0]) == infos[str(xrays[0])]
+    assert back[0].radiograph(back[0].xrays[1]) == infos[str(xrays[1])]
+    assert back[0].ct_date == datetime.date(2024, 2, 20) and back[0].dxa_scale == "hologic"
+    assert back[0].dxa_dates == {"left": datetime.date(2024, 1, 5)}
+    assert back[0].dxa_vendors == {"left": "lunar"}
+    assert back[1].radiograph(back[1].xrays[0]) == RadiographInfo() and back[1].ct_date is None
+    # one value for all of a case's radiographs
+    one = _write(tmp_path, HEADER + ",xray_pixel_spacing_mm", GOOD.replace("a.dcm", "a.png;b.png")
+                 + ",0.139")  # fmt: skip
+    (c,) = read_manifest(one)
+    assert [c.radiograph(x).pixel_spacing_mm for x in c.xrays] == [(0.139, 0.139)] * 2
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("xray_pixel_spacing_mm", "0", "xray_pixel_spacing_mm must be a spacing"),
+        ("xray_pixel_spacing_mm", "0.1x0.1x0.1", "ROWxCOL"),
+        ("xray_pixel_spacing_mm", "0.1;0.2", "2 values for 1 radiographs"),
+        ("xray_sdd_mm", "11", "xray_sdd_mm = 11 is outside 300-3000"),
+        ("xray_dates", "31/12/2023", "xray_dates must be a date YYYY-MM-DD"),
+        ("ct_date", "yesterday", "ct_date must be a date"),
+        ("dxa_vendor_left", "acme", "dxa_vendor_left must be one of hologic"),
+        ("dxa_scale", "tscore", "dxa_scale must be one of measured"),
+    ],
+)
+def test_bad_geometry_and_date_columns_name_the_line(tmp_path, column, value, message):
+    path = _write(tmp_path, HEADER + "," + column, GOOD + "," + value)
+    with pytest.raises(InputError, match="line 2") as err:
+        read_manifest(path)
+    assert message in str(err.value)
+
+
+def test_sod_beyond_sdd_is_refused(tmp_path):
+    path = _write(tmp_path, HEADER + ",xray_sdd_mm,xray_sod_mm", GOOD + ",1000,1100")
+    with pytest.raises(InputError, match="xray_sod_mm 1100 must be below xray_sdd_mm 1000"):
+        read_manifest(path)

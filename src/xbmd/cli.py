@@ -14,6 +14,7 @@ from xbmd.commands import calibrate as _calibrate
 from xbmd.commands import calibrate_model as _calibrate_model
 from xbmd.commands import demo as _demo
 from xbmd.commands import drr as _drr
+from xbmd.commands import dxa as _dxa
 from xbmd.commands import estimate as _estimate
 from xbmd.commands import evaluate as _evaluate
 from xbmd.commands import landmarks as _landmarks
@@ -44,6 +45,7 @@ app.command("estimate", help=_estimate.HELP)(_estimate.main)
 app.command("train", help=_train.HELP)(_train.main)
 app.command("evaluate", help=_evaluate.HELP)(_evaluate.main)
 app.command("calibrate-model", help=_calibrate_model.HELP)(_calibrate_model.main)
+app.add_typer(_dxa.app, name="dxa", help=_dxa.HELP)
 app.command("serve", help=_serve.HELP)(_serve.main)
 app.command("demo-ct", help=_demo.HELP)(_demo.main)
 

@@ -26,8 +26,17 @@ HELP = (
     "REPORT/report.html (self-contained), metrics.json, predictions.csv, "
     "predictions_end_to_end.csv and figures/. Exit code 0 when every input was read, 2 when some "
     "sample or original radiograph could not be read or some CSV cells are not numbers (listed, "
-    "left out, in metrics.json), 1 on unusable input (fewer than 3 usable rows included)."
+    "left out, in metrics.json), 1 on unusable input (fewer than 3 usable rows included). With "
+    "DXA in the data it also fits the site-calibration line estimate -> DXA (Passing-Bablok or "
+    "Deming, one point per hip) and writes REPORT/site_calibration.json for xbmd estimate "
+    "--site-calibration."
 )
+
+
+class SiteFit(str, Enum):
+    passing_bablok = "passing-bablok"
+    deming = "deming"
+    none = "none"
 
 
 class Target(str, Enum):
@@ -86,6 +95,19 @@ def main(
         min=0,
         help="Radiographs re-encoded for the whole-file tests (evenly spread; 0: none).",
     ),
+    site_fit: SiteFit = typer.Option(
+        SiteFit.passing_bablok,
+        "--site-fit",
+        help="With DXA in the data: fit the line estimate -> site DXA (one point per hip) and "
+        "write it to REPORT/site_calibration.json for xbmd estimate --site-calibration; none: "
+        "no fit.",
+    ),
+    deming_delta: float = typer.Option(
+        1.0,
+        "--deming-delta",
+        min=1e-6,
+        help="Deming only: ratio of the error variances, var(DXA error) / var(estimate error).",
+    ),
     batch: int = typer.Option(16, "--batch", min=1, help="Hips per model call."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -121,6 +143,8 @@ def main(
             batch=batch,
             command="xbmd evaluate " + " ".join(_shown_args(sys.argv[2:])),
             progress=bar,
+            site_fit=None if site_fit is SiteFit.none else site_fit.value,
+            site_delta=deming_delta,
         )
     for line in summary_lines(metrics):
         typer.echo(line)
@@ -219,6 +243,13 @@ def summary_lines(metrics: dict) -> list[str]:
                 f"JPEG target (mean |change| <= 1 % at quality >= 50): {'met' if met else 'MISSED'}"
             )
     lines += _user_lines(metrics, f)
+    site = metrics.get("site_calibration")
+    if site:
+        lines.append(
+            f"site calibration ({site['method']}, {site['n_hips']} hips): DXA = "
+            f"{f(site['intercept'], '+.4f')} + {f(site['slope'], '.4f')} x estimate"
+            + (f" -> {site['file']}" if site.get("file") else " (not written)")
+        )
     lines.append(f"run time {metrics['runtime_s'].get('total', 0):.1f} s")
     return lines
 

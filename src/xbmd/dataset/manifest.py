@@ -26,11 +26,24 @@ Columns (``*`` = required):
     dxa_neck_right_g_cm2   DXA results, optional
     implants        hips with an implant: ``left:hip_replacement;right:screws``, optional
                     (written only when some case has one, so older manifests are unchanged)
+
+Optional columns written only when some case fills them (``EXTRA_COLUMNS``):
+    xray_pixel_spacing_mm  detector pixel spacing of the radiographs: ``0.15`` or ``0.15x0.16``
+                    (row x column), one value for all of the case's radiographs or one per
+                    radiograph (``;``); required for PNG, JPEG and TIFF radiographs
+    xray_sdd_mm, xray_sod_mm  source-detector and source-patient distance (mm), same layout
+    xray_dates      acquisition date of each radiograph (YYYY-MM-DD), same layout
+    ct_date         the CT's date (YYYY-MM-DD)
+    dxa_date_left, dxa_date_right     date of the DXA exam whose values fill the DXA columns
+    dxa_vendor_left, dxa_vendor_right the DXA system's maker (hologic, lunar, norland, unknown)
+    dxa_scale       what the DXA columns hold: ``measured`` (the vendor's own values), ``sbmd``
+                    (standardised BMD) or ``hologic`` (converted to the Hologic scale)
 """
 
 from __future__ import annotations
 
 import csv
+import datetime
 import math
 import re
 from dataclasses import dataclass, field
@@ -66,6 +79,41 @@ DXA_COLUMNS = COLUMNS[-4:]
 #: Optional column added later: written only when some case has an implant.
 IMPLANTS_COLUMN = "implants"
 IMPLANT_SIDES = ("left", "right")
+#: Per-radiograph columns: one value for all of a case's radiographs, or one per radiograph.
+XRAY_COLUMNS = ("xray_pixel_spacing_mm", "xray_sdd_mm", "xray_sod_mm", "xray_dates")
+#: Dates and provenance of the DXA values (``xbmd dxa import`` fills them).
+DXA_INFO_COLUMNS = (
+    "dxa_date_left", "dxa_date_right", "dxa_vendor_left", "dxa_vendor_right", "dxa_scale",
+)  # fmt: skip
+#: Optional columns added later, written only when some case fills them (older manifests keep
+#: the columns above).
+EXTRA_COLUMNS = (IMPLANTS_COLUMN, *XRAY_COLUMNS, "ct_date", *DXA_INFO_COLUMNS)
+DXA_VENDORS = ("hologic", "lunar", "norland", "unknown")
+DXA_SCALES = ("measured", "sbmd", "hologic")
+#: Plausible limits of the radiograph geometry columns.
+XRAY_SPACING_LIMITS_MM = (0.01, 5.0)
+XRAY_DISTANCE_LIMITS_MM = (300.0, 3000.0)
+
+
+@dataclass(frozen=True)
+class RadiographInfo:
+    """What the manifest says about one radiograph (None: not given; the file's own values
+    are used)."""
+
+    pixel_spacing_mm: tuple[float, float] | None = None
+    sdd_mm: float | None = None
+    sod_mm: float | None = None
+    date: datetime.date | None = None
+
+    def given(self) -> dict:
+        """The values given, for fingerprints and sidecars (empty when none)."""
+        out = {
+            "pixel_spacing_mm": list(self.pixel_spacing_mm) if self.pixel_spacing_mm else None,
+            "sdd_mm": self.sdd_mm,
+            "sod_mm": self.sod_mm,
+            "date": self.date.isoformat() if self.date else None,
+        }
+        return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclass
@@ -89,6 +137,16 @@ class ManifestCase:
     sex: str | None = None
     dxa_g_cm2: dict[str, float] = field(default_factory=dict)  # column name -> value
     implants: dict[str, str] = field(default_factory=dict)  # side -> implant type
+    #: str(radiograph path) -> what the manifest says about it (spacing, SDD, SOD, date)
+    radiographs: dict[str, RadiographInfo] = field(default_factory=dict)
+    ct_date: datetime.date | None = None
+    dxa_dates: dict[str, datetime.date] = field(default_factory=dict)  # side -> exam date
+    dxa_vendors: dict[str, str] = field(default_factory=dict)  # side -> vendor
+    dxa_scale: str | None = None
+
+    def radiograph(self, path: Path | str) -> RadiographInfo:
+        """What the manifest says about one of the case's radiographs (empty when nothing)."""
+        return self.radiographs.get(str(path), RadiographInfo())
 
     def to_row(self, root: Path) -> dict[str, str]:
         """The CSV row, paths relative to ``root`` where possible."""
@@ -127,7 +185,35 @@ class ManifestCase:
         }
         row |= {c: _num(self.dxa_g_cm2.get(c)) for c in DXA_COLUMNS}
         row[IMPLANTS_COLUMN] = format_implants(self.implants)
+        infos = [self.radiograph(x) for x in self.xrays]
+        row["xray_pixel_spacing_mm"] = _per_xray([_spacing_text(i.pixel_spacing_mm) for i in infos])
+        row["xray_sdd_mm"] = _per_xray([_num(i.sdd_mm) for i in infos])
+        row["xray_sod_mm"] = _per_xray([_num(i.sod_mm) for i in infos])
+        row["xray_dates"] = _per_xray([i.date.isoformat() if i.date else "" for i in infos])
+        row["ct_date"] = self.ct_date.isoformat() if self.ct_date else ""
+        for side in IMPLANT_SIDES:
+            date = self.dxa_dates.get(side)
+            row[f"dxa_date_{side}"] = date.isoformat() if date else ""
+            row[f"dxa_vendor_{side}"] = self.dxa_vendors.get(side, "")
+        row["dxa_scale"] = self.dxa_scale or ""
         return row
+
+
+def _spacing_text(spacing: tuple[float, float] | None) -> str:
+    if spacing is None:
+        return ""
+    if spacing[0] == spacing[1]:
+        return _num(spacing[0])
+    return f"{_num(spacing[0])}x{_num(spacing[1])}"
+
+
+def _per_xray(values: list[str]) -> str:
+    """One value when all radiographs share it, else one per radiograph; '' when none given."""
+    if not any(values):
+        return ""
+    if len(set(values)) == 1:
+        return values[0]
+    return ";".join(values)
 
 
 def _is_file_spec(phantom: str | None) -> bool:
@@ -162,15 +248,17 @@ def parse_implants(value: str, where: str = "implants") -> dict[str, str]:
 
 def write_manifest(cases: list[ManifestCase], path: str | Path) -> None:
     """Write ``cases`` as a manifest CSV at ``path`` (paths relative to its folder); the
-    ``implants`` column only when some case has an implant."""
+    optional ``EXTRA_COLUMNS`` (implants, radiograph geometry, dates, DXA provenance) only when
+    some case fills them."""
     path = Path(path)
     root = path.parent.resolve()
-    columns = COLUMNS + ((IMPLANTS_COLUMN,) if any(c.implants for c in cases) else ())
+    rows = [case.to_row(root) for case in cases]
+    columns = COLUMNS + tuple(c for c in EXTRA_COLUMNS if any(r.get(c) for r in rows))
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        for case in cases:
-            writer.writerow(case.to_row(root))
+        for row in rows:
+            writer.writerow(row)
 
 
 def read_manifest(path: str | Path) -> list[ManifestCase]:
@@ -238,6 +326,22 @@ def _parse_row(row: dict, root: Path, where: str) -> ManifestCase:
     sex = get("sex").upper() or None
     if sex not in (None, "F", "M", "O"):
         raise InputError(f"{where}: sex must be F, M or O, not {get('sex')!r}")
+    xrays = [path_of(x.strip()) for x in get("xrays").split(";") if x.strip()]
+    dxa_scale = get("dxa_scale").lower() or None
+    if dxa_scale not in (None, *DXA_SCALES):
+        raise InputError(
+            f"{where}: dxa_scale must be one of {', '.join(DXA_SCALES)}, not {get('dxa_scale')!r}"
+        )
+    vendors = {}
+    for side in IMPLANT_SIDES:
+        vendor = get(f"dxa_vendor_{side}").lower()
+        if vendor and vendor not in DXA_VENDORS:
+            raise InputError(
+                f"{where}: dxa_vendor_{side} must be one of {', '.join(DXA_VENDORS)}, "
+                f"not {vendor!r}"
+            )
+        if vendor:
+            vendors[side] = vendor
     return ManifestCase(
         case_id=get("case_id"),
         patient_id=get("patient_id"),
@@ -246,7 +350,7 @@ def _parse_row(row: dict, root: Path, where: str) -> ManifestCase:
         label_map=parse_label_map(get("label_map"), where),
         calibration=method,
         calibration_line=line,
-        xrays=[path_of(x.strip()) for x in get("xrays").split(";") if x.strip()],
+        xrays=xrays,
         phantom=phantom,
         phantom_labels=opt_path("phantom_labels"),
         kvp=_opt_float(get("kvp"), "kvp", where, (40.0, 160.0)),
@@ -260,7 +364,89 @@ def _parse_row(row: dict, root: Path, where: str) -> ManifestCase:
             if (v := _opt_float(get(c), c, where, (0.05, 3.0))) is not None
         },
         implants=parse_implants(get(IMPLANTS_COLUMN), where),
+        radiographs=_parse_radiographs(row, xrays, where),
+        ct_date=parse_date(get("ct_date"), "ct_date", where),
+        dxa_dates={
+            side: d
+            for side in IMPLANT_SIDES
+            if (d := parse_date(get(f"dxa_date_{side}"), f"dxa_date_{side}", where)) is not None
+        },
+        dxa_vendors=vendors,
+        dxa_scale=dxa_scale,
     )
+
+
+def _parse_radiographs(row: dict, xrays: list[Path], where: str) -> dict[str, RadiographInfo]:
+    """The per-radiograph columns: one value for all radiographs, or one per radiograph."""
+
+    def values(col: str) -> list[str]:
+        text = (row.get(col) or "").strip()
+        if not text:
+            return [""] * len(xrays)
+        items = [v.strip() for v in text.split(";")]
+        if len(items) == 1:
+            return items * len(xrays)
+        if len(items) != len(xrays):
+            raise InputError(
+                f"{where}: {col} holds {len(items)} values for {len(xrays)} radiographs; give one "
+                "value for all or one per radiograph, in the order of xrays"
+            )
+        return items
+
+    spacing = values("xray_pixel_spacing_mm")
+    sdd, sod, dates = values("xray_sdd_mm"), values("xray_sod_mm"), values("xray_dates")
+    out = {}
+    for i, x in enumerate(xrays):
+        info = RadiographInfo(
+            pixel_spacing_mm=_parse_spacing(spacing[i], where),
+            sdd_mm=_opt_float(sdd[i], "xray_sdd_mm", where, XRAY_DISTANCE_LIMITS_MM),
+            sod_mm=_opt_float(sod[i], "xray_sod_mm", where, XRAY_DISTANCE_LIMITS_MM),
+            date=parse_date(dates[i], "xray_dates", where),
+        )
+        if info.sdd_mm is not None and info.sod_mm is not None and info.sod_mm >= info.sdd_mm:
+            raise InputError(
+                f"{where}: xray_sod_mm {info.sod_mm:g} must be below xray_sdd_mm "
+                f"{info.sdd_mm:g} (the patient lies between source and detector)"
+            )
+        if info.given():
+            out[str(x)] = info
+    return out
+
+
+def _parse_spacing(value: str, where: str) -> tuple[float, float] | None:
+    """``0.15`` or ``0.15x0.16`` (row x column, mm) -> (row, col); None for ''."""
+    if not value:
+        return None
+    parts = [p.strip() for p in value.lower().split("x")]
+    lo, hi = XRAY_SPACING_LIMITS_MM
+    try:
+        numbers = [float(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or not all(math.isfinite(v) and lo <= v <= hi for v in numbers):
+        raise InputError(
+            f"{where}: xray_pixel_spacing_mm must be a spacing in mm between {lo:g} and {hi:g}, "
+            f"one number or ROWxCOL (e.g. 0.15 or 0.15x0.16), not {value!r}"
+        )
+    return (numbers[0], numbers[-1])
+
+
+def parse_date(value: str, col: str = "date", where: str = "") -> datetime.date | None:
+    """A date as YYYY-MM-DD (or DICOM's YYYYMMDD); None for ''; InputError otherwise.
+
+    >>> parse_date("2023-12-31"), parse_date("20231231")
+    (datetime.date(2023, 12, 31), datetime.date(2023, 12, 31))
+    """
+    value = (value or "").strip()
+    if not value:
+        return None
+    for fmt in ("%Y-%m-%d", "%Y%m%d"):
+        try:
+            return datetime.datetime.strptime(value, fmt).date()
+        except ValueError:
+            continue
+    prefix = f"{where}: " if where else ""
+    raise InputError(f"{prefix}{col} must be a date YYYY-MM-DD, not {value!r}")
 
 
 def _parse_calibration(value: str, where: str) -> tuple[str, tuple[float, float] | None]:

@@ -54,9 +54,10 @@ from xbmd.dataset.format import (
 )
 from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION, make_sample
 from xbmd.dataset.manifest import ManifestCase, read_manifest
+from xbmd.dataset.radiograph import read_case_xray
 from xbmd.errors import InputError, XbmdError
 from xbmd.geometry import SIDES, rounded
-from xbmd.io.xray import XRay, read_xray
+from xbmd.io.xray import XRay
 from xbmd.registration.optimise import RegistrationSettings
 from xbmd.registration.xray import XrayPoses, known_poses, register_xray, saved_registration
 from xbmd.stages import (
@@ -64,6 +65,7 @@ from xbmd.stages import (
     claim_folder,
     run_cases,
     safe_name,
+    write_atomic,
     write_csv,
     write_json,
     write_npz,
@@ -192,13 +194,13 @@ def _prepare_case(case: ManifestCase, options: _Options) -> _CaseReport:
 def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: CaseLog) -> None:
     keys = _xray_keys(case.xrays)
     case_fp = case_fingerprint(case)
-    xray_fps = {key: file_digest(x) for key, x in zip(keys, case.xrays, strict=True)}
+    xray_prints = {key: _xray_print(case, x) for key, x in zip(keys, case.xrays, strict=True)}
     todo = set()
     for key in keys:
         for side in SIDES:
             npz = _sample_path(options.out, case.case_id, key, side)
             inputs = _sample_inputs(npz)
-            if inputs == {"case": case_fp, "xray": xray_fps[key]}:
+            if inputs == {"case": case_fp, **xray_prints[key]}:
                 continue
             if inputs is not None:  # made from other inputs: never keep it
                 log(f"{key} {side}: inputs changed since the sample was made: made again")
@@ -219,8 +221,15 @@ def _run_case(case: ManifestCase, options: _Options, report: _CaseReport, log: C
     for xray_path, key in zip(case.xrays, keys, strict=True):
         sides = [s for s in SIDES if (key, s) in todo]
         if sides:
-            prints = fingerprints | {"xray": xray_fps[key]}
+            prints = fingerprints | xray_prints[key]
             _prepare_xray(data, xray_path, key, sides, prints, options, report, log)
+
+
+def _xray_print(case: ManifestCase, xray_path: Path) -> dict:
+    """A radiograph's part of a sample's ``inputs``: its bytes, and the manifest's geometry for
+    it when given (spacing, SDD, SOD: a changed value makes the samples again)."""
+    geometry = {k: v for k, v in case.radiograph(xray_path).given().items() if k != "date"}
+    return {"xray": file_digest(xray_path)} | ({"xray_geometry": geometry} if geometry else {})
 
 
 def _load_case(case: ManifestCase, options: _Options, log: CaseLog, fingerprint: str) -> CaseData:
@@ -269,13 +278,7 @@ def _prepare_xray(
     xray_name = _relative(xray_path, options.manifest_root)
     try:
         with _stage("xray", xray_path):
-            xray = read_xray(xray_path)
-            if xray.pixel_spacing_mm is None:
-                raise InputError(
-                    f"{xray_path}: the file records no pixel spacing, which registration and the "
-                    "crop need; give the case a DICOM radiograph with Imager Pixel Spacing (a "
-                    "PNG, JPEG or TIFF has none)"
-                )
+            xray = read_case_xray(xray_path, data.case.radiograph(xray_path))
         patient = _check_patient(xray, data.case, log)
         log(
             f"{key}: {xray.pixels.shape} pixels of {xray.pixel_spacing_mm} mm"
@@ -329,17 +332,53 @@ def _xray_poses(
                 result = saved_registration(path, xray, file)
                 report.registrations_reused += 1
                 log(f"{key}: registration reused from {file} ({result.quality_text()})")
+                if not path.with_suffix(".png").exists():
+                    _write_overlay(data, xray, result, path.with_suffix(".png"), log)
                 return result
             log(f"{key}: inputs changed since {file} was registered: registered again")
     with _stage("registration", xray_path):
         t0 = time.perf_counter()
         reg = register_xray(data.scene(), xray, settings=options.settings)
         reg.ct = str(case.ct)
+        path.with_suffix(".png").unlink(missing_ok=True)  # an overlay of older poses
         write_json(path, reg.to_dict() | {"inputs": prints})
         report.registrations_run += 1
         result = saved_registration(path, xray, file)
     log(f"{key}: registered in {time.perf_counter() - t0:.1f} s ({result.quality_text()})")
+    _write_overlay(data, xray, result, path.with_suffix(".png"), log)
     return result
+
+
+def _write_overlay(data: CaseData, xray: XRay, poses: XrayPoses, path: Path, log: CaseLog) -> None:
+    """The registration's QC picture next to its JSON: each bone's outline in its registered
+    pose over the radiograph, with its similarity and flag (``xbmd.registration.overlay``). A
+    picture that cannot be made is logged, not a failure of the samples."""
+    import math
+
+    from xbmd.registration.overlay import write_registration_overlay
+    from xbmd.registration.result import BodyResult, Registration
+
+    scene = data.scene()
+    try:
+        bodies = {
+            name: BodyResult(
+                name,
+                pose.about(scene.centre(name)),
+                poses.similarity.get(name, math.nan),
+                poses.quality.get(name) == "flagged",
+                list(poses.reasons.get(name, [])),
+            )
+            for name, pose in poses.poses.items()
+            if name in scene.bodies
+        }
+        registration = Registration(poses.geometry, bodies)
+        title = f"{data.case.case_id} {Path(str(xray.source)).name}"
+        write_atomic(
+            path,
+            lambda tmp: write_registration_overlay(xray.pixels, scene, registration, tmp, title),
+        )
+    except Exception as exc:  # a QC picture must not cost the samples
+        log(f"{path.name}: no overlay ({type(exc).__name__}: {exc})")
 
 
 def _write_sample(
@@ -424,6 +463,9 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options) -> dict:
         "registration": {
             "pose_source": poses.source,
             "file": poses.file,
+            "overlay": str(Path(poses.file).with_suffix(".png").as_posix())
+            if poses.source == "registered"
+            else None,
             "similarity": round(min(sims), 5) if sims else None,
             "similarity_by_body": {n: poses.similarity[n] for n in poses.similarity},
             "warnings": poses.warnings,
@@ -443,6 +485,8 @@ def _sample_doc(data, xray, xray_path, key, side, poses, options) -> dict:
             "intercept_mg_cm3": data.calibration.intercept_mg_cm3,
         },
         "xray_warnings": list(xray.warnings),
+        "xray_spacing_source": xray.spacing_source,
+        "xray_manifest": case.radiograph(xray_path).given(),
     }
 
 

@@ -216,6 +216,8 @@ def evaluate(
     batch: int = 16,
     command: str = "",
     progress: Callable | None = None,
+    site_fit: str | None = "passing-bablok",
+    site_delta: float = 1.0,
 ) -> dict:
     """Evaluate and write ``out``/{metrics.json, predictions.csv, predictions_end_to_end.csv,
     report.html, figures/}.
@@ -224,7 +226,10 @@ def evaluate(
     ``end_to_end``: None runs it when every original radiograph is found (``radiographs``: the
     folder the index's xray paths are relative to; default: the manifest's), True insists, False
     skips. ``robustness``: crop tests (``ROBUSTNESS_KINDS``; 'pose' = reproducibility and
-    sessions); ``file_robustness``: whole-file tests on ``robustness_images`` radiographs.
+    sessions); ``file_robustness``: whole-file tests on ``robustness_images`` radiographs. With
+    DXA in the data, ``site_fit`` ('passing-bablok', 'deming' with error ratio ``site_delta``,
+    or None) fits the site-calibration line estimate -> DXA (on the end-to-end estimates when
+    they ran) and writes it to ``out``/site_calibration.json (``xbmd.evaluation.site_fit``).
     Returns the metrics.
     """
     import datetime
@@ -232,6 +237,7 @@ def evaluate(
 
     from xbmd import __version__
     from xbmd.evaluation.report import write_report
+    from xbmd.evaluation.site_fit import FILE_NAME, fit_site_calibration
 
     if (dataset is None) == (predictions is None):
         raise InputError("give either a dataset (with a model) or a predictions CSV")
@@ -321,6 +327,21 @@ def evaluate(
         clean_failed = sum(not f["implant"] for f in e2e.failures)
         modes["end_to_end"] = (e2e.samples, clean, clean_failed)
     modes[mode] = (samples, len(samples.rows) + len(failures), len(failures))
+    if site_fit:
+        model_info = {}
+        if run is not None:
+            model_info = {
+                "path": shown_path(run.bundle.source),
+                "created": run.bundle.created,
+                "xbmd_version": run.bundle.xbmd_version,
+            }
+        # the line maps what `xbmd estimate` reports: fitted on the end-to-end estimates when run
+        site_samples = e2e.samples if e2e is not None and e2e.samples.rows else samples
+        calibration, site_section, reasons["site_calibration"] = fit_site_calibration(
+            site_samples, site_fit, site_delta, model_info, dataset
+        )
+    else:
+        calibration, site_section, reasons["site_calibration"] = None, None, "not requested"
     rows = table(samples, primary)
     _, unit, label = TARGETS[target]
     metrics = {
@@ -354,11 +375,15 @@ def evaluate(
         "decomposition": decomposition,
         "reproducibility": repro,
         "robustness": robust,
+        "site_calibration": site_section,
         "not_available": {k: v for k, v in reasons.items() if v},
         "failures": failures,
         "runtime_s": runtime,
     }
     metrics = plain(metrics)
+    if calibration is not None:
+        calibration.write(out / FILE_NAME)
+        metrics["site_calibration"]["file"] = FILE_NAME
     write_predictions(rows, out / "predictions.csv")
     if e2e is not None:
         write_end_to_end_csv(e2e.records, out / "predictions_end_to_end.csv")

@@ -57,6 +57,7 @@ from xbmd.evaluation.plots import (
     robustness_plot,
     scatter_plot,
 )
+from xbmd.evaluation.site_fit import site_calibration_html
 
 #: Largest gallery PNG, bytes: noisy radiographs compress badly, so a bigger row is redrawn at a
 #: lower resolution (three rows then stay under ~0.9 MB of base64).
@@ -546,6 +547,9 @@ def write_report(
                 metrics.get("reproducibility"), reasons["reproducibility"], table, figures_dir, unit
             ),
             _robustness_section(metrics.get("robustness"), reasons["robustness"], figures_dir),
+            site_calibration_html(
+                metrics.get("site_calibration"), reasons.get("site_calibration", "not computed")
+            ),
             _gallery_section(gallery, figures_dir, unit),
         ]
     )

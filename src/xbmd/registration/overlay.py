@@ -77,5 +77,5 @@ def write_registration_overlay(
         y += 14
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
+    image.save(path, format="PNG")
     return path
