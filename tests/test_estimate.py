@@ -204,7 +204,9 @@ def test_implausible_predictions_are_not_confident(
 ):
     fake_heads(monkeypatch, HEADS)
     monkeypatch.setattr(
-        estimator.bundle, "predict", lambda x, v, tta=False: fixed_prediction(area_mm2, bmd_g_cm2)
+        estimator.bundle,
+        "predict",
+        lambda x, v, tta=False, kvp=None: fixed_prediction(area_mm2, bmd_g_cm2),
     )
     results = estimator.estimate(images / "pelvis.dcm")
     for r in results:
@@ -219,7 +221,9 @@ def test_implausible_predictions_are_not_confident(
 def test_a_dicom_of_another_body_part_is_not_confident(images, estimator, monkeypatch):
     fake_heads(monkeypatch, HEADS)
     monkeypatch.setattr(
-        estimator.bundle, "predict", lambda x, v, tta=False: fixed_prediction(7500.0, 0.85)
+        estimator.bundle,
+        "predict",
+        lambda x, v, tta=False, kvp=None: fixed_prediction(7500.0, 0.85),
     )
     for r in estimator.estimate(images / "chest.dcm"):
         assert not r.confident and any("CHEST: not a hip" in w for w in r.warnings)

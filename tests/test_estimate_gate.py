@@ -34,7 +34,9 @@ def plausible(estimator, monkeypatch):
     """The estimator with a plausible fixed prediction (7500 mm2 region, 0.85 g/cm2)."""
     fake_heads(monkeypatch, HEADS)
     monkeypatch.setattr(
-        estimator.bundle, "predict", lambda x, v, tta=False: fixed_prediction(7500.0, 0.85)
+        estimator.bundle,
+        "predict",
+        lambda x, v, tta=False, kvp=None: fixed_prediction(7500.0, 0.85),
     )
     return estimator
 

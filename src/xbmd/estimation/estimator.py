@@ -191,6 +191,7 @@ class Estimator:
             np.stack([s[0] for s in sampled]),
             np.stack([s[1] for s in sampled]),
             tta=self.tta,
+            kvp=xray.meta.get("kvp"),
         )
         common = list(xray.warnings) + geometry_warnings + head_warnings
         results = []

@@ -44,6 +44,7 @@ class ModelRun:
     failures: list[dict]
     bundle: object
     implant_samples: int = 0  # hips with an implant, left out (their labels mean nothing)
+    kvp_kv: np.ndarray | None = None  # per row, NaN: unknown (a model with the kVp input uses it)
 
 
 def predict_dataset(
@@ -70,7 +71,7 @@ def predict_dataset(
     if not index:
         raise InputError(f"{dataset}: every sample is of a hip with an implant: nothing to compare")
     size = bundle.image_size
-    rows, crops, maps, failures = [], [], [], []
+    rows, crops, maps, failures, kvp_kv = [], [], [], [], []
     estimates = defaultdict(list)
     quality = defaultdict(list)
     loaded = []
@@ -90,7 +91,9 @@ def predict_dataset(
         chunk = loaded[start : start + batch]
         xray = np.stack([a["xray"] for _, a in chunk])
         valid = np.stack([a["valid"] for _, a in chunk]).astype(bool)
-        pred = bundle.predict(xray, valid)
+        kvp = label_values([r for r, _ in chunk], "kvp")
+        kvp_kv.extend(kvp.tolist())
+        pred = bundle.predict(xray, valid, kvp=kvp)
         for i, (r, a) in enumerate(chunk):
             rows.append(sample_row(r))
             crops.append((a["xray"], a["valid"].astype(bool)))
@@ -135,6 +138,7 @@ def predict_dataset(
         failures,
         bundle,
         len(everything) - len(index),
+        np.asarray(kvp_kv, dtype=float),
     )
 
 

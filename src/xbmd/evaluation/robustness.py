@@ -80,7 +80,8 @@ def robustness_section(
             chunk = run.crops[start : start + batch]
             xray = np.stack([perturb(x, v, kind, level, rng) for x, v in chunk])
             valid = np.stack([v for _, v in chunk])
-            pred = run.bundle.predict(xray, valid)
+            kvp = None if run.kvp_kv is None else run.kvp_kv[start : start + batch]
+            pred = run.bundle.predict(xray, valid, kvp=kvp)
             values = pred.bmd_drr_g_cm2 if estimate == "bmd_drr_g_cm2" else pred.targets[estimate]
             changed.extend(values.tolist())
         change = 100 * (np.asarray(changed) - base) / base

@@ -8,11 +8,13 @@ silently ignored). The resolved config is written into every checkpoint and the 
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import yaml
 
 from xbmd.errors import InputError
+from xbmd.learn.processing import PROCESSING_DEFAULTS
 from xbmd.model.networks import BACKBONES
 
 #: Regression targets stage 3 can learn: index.csv columns.
@@ -51,7 +53,12 @@ DEFAULTS: dict = {
         "blur_sigma": 1.0,
         "jpeg_probability": 0.3,
         "jpeg_quality": [20, 95],
+        # a random vendor-like processing chain on this share of the inputs (0: off)
+        **PROCESSING_DEFAULTS,
     },
+    # stage 3's regression head: `kvp` gives it the tube voltage (DICOM KVP) when known, with a
+    # known flag; in training the kVp is hidden with probability `kvp_dropout` (docs/training.md)
+    "regression": {"kvp": False, "kvp_dropout": 0.3},
     "stages": {
         "1": {"epochs": 20, "target": "bone_drr_g_cm2"},
         "2": {"epochs": 20, "target": "pf_drr_g_cm2"},
@@ -62,6 +69,12 @@ DEFAULTS: dict = {
             "encoder_lr": 1.0e-4,
             # L1 weight that keeps the decoder's proximal-femur DRR while the encoder is fine-tuned
             "keep_decomposition": 10.0,
+            # batches of `hip_group` radiographs of the same hip (1: plain shuffled batches) and
+            # the weight of the loss on the spread of the standardised targets within each hip
+            # group (`consistency`) and of BMD_drr of the virtual X-ray (`consistency_drr`)
+            "hip_group": 1,
+            "consistency": 0.0,
+            "consistency_drr": 0.0,
         },
         "loc": {"epochs": 30},
     },
@@ -140,6 +153,57 @@ def _validate(config: dict, where: str) -> None:
         epochs = config["stages"][stage]["epochs"]
         if not isinstance(epochs, int) or epochs < 0:
             fail(f"stages.{stage}.epochs must be a whole number >= 0")
+    _validate_levers(config, fail)
+
+
+def _number_in(value, lo: float, hi: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _range_in(value, lo: float, hi: float) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(_number_in(v, lo, hi) for v in value)
+        and value[0] <= value[1]
+    )
+
+
+def _validate_levers(config: dict, fail) -> None:
+    """The keys of processing augmentation, hip-group consistency and the kVp input."""
+    a = config["augment"]
+    for key in ("processing_probability", "processing_quantise_probability"):
+        if not _number_in(a[key], 0.0, 1.0):
+            fail(f"augment.{key} must be a probability in [0, 1], not {a[key]!r}")
+    ranges = {
+        "processing_smooth_sigma_px": (0.0, 8.0),
+        "processing_enhance_gain": (-1.0, 5.0),
+        "processing_enhance_radius_px": (0.1, 64.0),
+        "processing_lut_slope": (0.0, 50.0),
+    }
+    for key, (lo, hi) in ranges.items():
+        if not _range_in(a[key], lo, hi):
+            fail(f"augment.{key} must be a range [low, high] within [{lo:g}, {hi:g}]")
+    if not _number_in(a["processing_window_percentile"], 0.0, 20.0):
+        fail("augment.processing_window_percentile must be a percentile in [0, 20]")
+    s3 = config["stages"]["3"]
+    group = s3["hip_group"]
+    if not isinstance(group, int) or isinstance(group, bool) or group < 1:
+        fail(f"stages.3.hip_group must be a whole number >= 1, not {group!r}")
+    for key in ("consistency", "consistency_drr"):
+        if not _number_in(s3[key], 0.0, math.inf):
+            fail(f"stages.3.{key} must be a weight >= 0, not {s3[key]!r}")
+        if s3[key] > 0 and group < 2:
+            fail(f"stages.3.{key} needs stages.3.hip_group >= 2 (radiographs of one hip)")
+    if s3["hip_group"] > config["batch_size"]:
+        fail(f"stages.3.hip_group ({group}) must not exceed batch_size ({config['batch_size']})")
+    if s3["consistency_drr"] > 0 and config["ablation"] == "direct":
+        fail("stages.3.consistency_drr needs the virtual X-ray, which ablation 'direct' has not")
+    r = config["regression"]
+    if not isinstance(r["kvp"], bool):
+        fail(f"regression.kvp must be true or false, not {r['kvp']!r}")
+    if not _number_in(r["kvp_dropout"], 0.0, 1.0):
+        fail(f"regression.kvp_dropout must be a probability in [0, 1], not {r['kvp_dropout']!r}")
 
 
 def parse_stages(text: str) -> list[str]:

@@ -4,8 +4,9 @@ inference.
 
 Augmentation (:func:`augment`) works on a batch in PyTorch: rotation, scale and translation
 applied identically to the input and to the DRR targets (areal density is resampled, not
-rescaled), then, on the input only, a smooth exposure ramp, gamma, blur, noise and JPEG
-compression, and the input's percentile normalisation again. It is written here rather than
+rescaled), then, on the input only, a smooth exposure ramp, gamma, blur, noise, a random vendor-like
+processing chain (:mod:`xbmd.learn.processing`, off by default) and JPEG compression, and the
+input's percentile normalisation again. It is written here rather than
 taken from MONAI's per-sample dictionary transforms because it acts on whole batches on the
 training device and needs JPEG, which MONAI lacks.
 """
@@ -30,7 +31,8 @@ from xbmd.dataset.format import (
 )
 from xbmd.display import jpeg_round_trip
 from xbmd.errors import InputError
-from xbmd.model.inputs import CLIP, downsample_map, model_input
+from xbmd.learn.processing import random_processing
+from xbmd.model.inputs import CLIP, downsample_map, kvp_features, model_input
 
 #: DRR above this (g/cm2) is the region target of stage 1 (bone DRR).
 BONE_REGION_G_CM2 = 0.02
@@ -45,7 +47,9 @@ class TrainingData:
     """A prepared dataset (or part of it) at model resolution, in memory.
 
     inputs (N, 2, S, S); bone, pf (N, S, S) g/cm2; pf_region (N, S, S) float {0, 1};
-    labels {column: (N,) float64, NaN where empty}; rows: the index.csv rows.
+    labels {column: (N,) float64, NaN where empty}; rows: the index.csv rows;
+    kvp_kv (N,) float64: the tube voltage of each radiograph (index column ``kvp``), NaN where
+    unknown (None: all unknown).
     """
 
     inputs: np.ndarray
@@ -56,6 +60,7 @@ class TrainingData:
     rows: list[dict]
     #: samples of the index that could not be read: {sample_id, file, error}, left out
     skipped: list[dict] = field(default_factory=list)
+    kvp_kv: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,11 +74,17 @@ class TrainingData:
             self.pf_region[idx],
             {k: v[idx] for k, v in self.labels.items()},
             [self.rows[i] for i in idx],
+            kvp_kv=None if self.kvp_kv is None else self.kvp_kv[idx],
         )
 
     @property
     def patients(self) -> list[str]:
         return [r["patient_id"] or r["case_id"] for r in self.rows]
+
+    @property
+    def hips(self) -> list[tuple[str, str]]:
+        """(case, side) of each sample: its radiographs (sessions, poses) show the same hip."""
+        return [(r["case_id"], r["side"]) for r in self.rows]
 
 
 def load_training_data(dataset: str | Path, size: int, progress: bool = True) -> TrainingData:
@@ -118,7 +129,9 @@ def load_training_data(dataset: str | Path, size: int, progress: bool = True) ->
         )
     m = len(kept)
     labels = {c: label_values(kept, c) for c in LABEL_COLUMNS}
-    return TrainingData(inputs[:m], bone[:m], pf[:m], region[:m], labels, kept, skipped)
+    return TrainingData(
+        inputs[:m], bone[:m], pf[:m], region[:m], labels, kept, skipped, label_values(kept, "kvp")
+    )
 
 
 def patient_split(patients: list[str], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -136,7 +149,9 @@ def patient_split(patients: list[str], val_fraction: float, seed: int) -> tuple[
 
 
 class StageDataset(torch.utils.data.Dataset):
-    """(input, drr target, region target, standardised labels) of one stage, as tensors."""
+    """One stage's samples as tensors: (input, drr target, region target, standardised labels,
+    BMD_drr label, kVp input (2,) (:func:`xbmd.model.inputs.kvp_features`), hip number (samples
+    of one hip, :attr:`TrainingData.hips`, share it))."""
 
     def __init__(self, data: TrainingData, target: str, targets: list[str], stats: dict):
         self.inputs = torch.from_numpy(data.inputs)
@@ -151,12 +166,82 @@ class StageDataset(torch.utils.data.Dataset):
         ).astype(np.float32)
         self.labels = torch.from_numpy(labels)
         self.bmd_drr = torch.from_numpy(data.labels["bmd_drr_g_cm2"].astype(np.float32))
+        self.kvp = torch.from_numpy(kvp_features(data.kvp_kv, len(data)))
+        numbers = {hip: k for k, hip in enumerate(dict.fromkeys(data.hips))}
+        self.hip = torch.tensor([numbers[hip] for hip in data.hips], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def __getitem__(self, i: int):
-        return self.inputs[i], self.drr[i], self.region[i], self.labels[i], self.bmd_drr[i]
+        return (
+            self.inputs[i],
+            self.drr[i],
+            self.region[i],
+            self.labels[i],
+            self.bmd_drr[i],
+            self.kvp[i],
+            self.hip[i],
+        )
+
+
+class HipGroupSampler(torch.utils.data.Sampler):
+    """Batches of groups of ``group`` radiographs of one hip (stage 3's hip-group consistency).
+
+    Every epoch, each hip's samples are shuffled and cut into groups of ``group`` (a hip with
+    fewer radiographs, or the rest of one with more, gives a smaller group; a group of one adds
+    nothing to the consistency loss but is still learned from), the groups are shuffled and
+    packed in that order into batches of at most ``batch_size`` samples, a group never split.
+    So every sample is used once per epoch. Deterministic for ``seed`` and the epoch
+    (:meth:`set_epoch`, which Lightning calls). Under DDP (a process group initialised when
+    iterating) each process takes every world-size-th batch, all the same number of them.
+
+    hips : the hip of each sample (any hashable, e.g. :attr:`TrainingData.hips`).
+    """
+
+    def __init__(self, hips: list, group: int, batch_size: int, seed: int) -> None:
+        if group < 1 or batch_size < group:
+            raise InputError(f"hip groups of {group} need 1 <= group <= batch_size ({batch_size})")
+        by_hip: dict = {}
+        for i, hip in enumerate(hips):
+            by_hip.setdefault(hip, []).append(i)
+        self.members = list(by_hip.values())
+        self.group, self.batch_size, self.seed = group, batch_size, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        groups = []
+        for members in self.members:
+            order = [members[k] for k in rng.permutation(len(members))]
+            groups += [order[k : k + self.group] for k in range(0, len(order), self.group)]
+        batches, current = [], []
+        for k in rng.permutation(len(groups)):
+            if len(current) + len(groups[k]) > self.batch_size:
+                batches.append(current)
+                current = []
+            current = current + groups[k]
+        if current:
+            batches.append(current)
+        rank, world = _rank_and_world()
+        n = len(batches) // world if world > 1 else len(batches)
+        return batches[rank::world][:n]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def target_stats(data: TrainingData, targets: list[str]) -> dict[str, list[float]]:
@@ -238,6 +323,8 @@ def augment(
     image = image + settings["noise"] * uniform(0, 1)[:, None, None] * torch.randn(
         image.shape, generator=generator
     ).to(dev)
+    # a vendor-like processing chain (xbmd.learn.processing), before storage (JPEG)
+    image = random_processing(image, valid, settings, generator)
     if settings["jpeg_probability"] > 0:
         lo, hi = settings["jpeg_quality"]
         chosen = torch.rand(b, generator=generator) < settings["jpeg_probability"]

@@ -6,7 +6,8 @@
   which is 45 M parameters at 3 layers and not the published design).
 - Losses: LSGAN through MONAI's ``PatchAdversarialLoss``; discriminator feature matching (L1
   between the discriminator's intermediate features of real and fake, as pix2pixHD); L1; and the
-  gradient-correlation loss 1 - GC (:func:`xbmd.similarity.paired_gradient_correlation`).
+  gradient-correlation loss 1 - GC (:func:`xbmd.similarity.paired_gradient_correlation`); the
+  hip-group consistency loss :func:`group_variance` (radiographs of one hip, one answer).
 """
 
 from __future__ import annotations
@@ -75,3 +76,23 @@ def gradient_correlation_loss(pred: torch.Tensor, target: torch.Tensor) -> torch
     """1 - gradient correlation of each (pred, target) pair, averaged over the batch.
     pred, target (B, H, W)."""
     return 1.0 - paired_gradient_correlation(pred, target).mean()
+
+
+def group_variance(values: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Mean within-group variance: the consistency loss of radiographs of one hip.
+
+    values (B,) or (B, K) (K outputs, each on its own), NaN = missing; groups (B,) integer
+    labels (samples with the same label belong together). For each group and output with at
+    least 2 finite values, the mean squared deviation from their mean; the result is the mean
+    of those (0, still differentiable, when there is none). Zero when a group's values agree.
+    """
+    v = values.reshape(values.shape[0], -1)
+    finite = torch.isfinite(v)
+    v0 = torch.where(finite, v, torch.zeros_like(v))  # NaN stays out of the gradient
+    _, number = torch.unique(groups, return_inverse=True)
+    member = F.one_hot(number).to(v.dtype)[:, :, None] * finite[:, None, :].to(v.dtype)
+    n = member.sum(0)  # (G, K)
+    mean = (member * v0[:, None, :]).sum(0) / n.clamp_min(1)
+    var = (member * (v0[:, None, :] - mean[None]) ** 2).sum(0) / n.clamp_min(1)
+    used = n >= 2
+    return var[used].mean() if used.any() else v0.sum() * 0

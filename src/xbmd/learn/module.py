@@ -8,6 +8,12 @@
   targets (smooth L1); the encoder is fine-tuned at a lower rate while ``keep_decomposition`` x L1
   on the proximal-femur DRR (plus the region BCE) keeps the decoder's virtual X-ray valid. The
   'direct' ablation trains encoder and head from scratch on the regression alone.
+  Levers (docs/training.md): with ``regression.kvp`` the head also gets the kVp input, hidden
+  (unknown) with probability ``regression.kvp_dropout`` per training sample; with
+  ``stages.3.hip_group`` > 1 the batches hold groups of radiographs of one hip
+  (:class:`xbmd.learn.data.HipGroupSampler`) and the loss adds ``consistency`` x their
+  within-group variance of the standardised predicted targets and ``consistency_drr`` x that of
+  the virtual X-ray's BMD_drr divided by ``bmd_drr_sd`` (:func:`xbmd.learn.losses.group_variance`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from xbmd.learn.losses import (
     adversarial_loss,
     feature_matching_loss,
     gradient_correlation_loss,
+    group_variance,
 )
 from xbmd.model.inputs import region_bmd
 from xbmd.model.networks import IN_CHANNELS, build_generator
@@ -30,10 +37,19 @@ from xbmd.similarity import psnr
 
 
 class StageModule(L.LightningModule):
-    """One stage ('1', '2' or '3') of hierarchical learning for a resolved ``config``."""
+    """One stage ('1', '2' or '3') of hierarchical learning for a resolved ``config``.
+
+    ``bmd_drr_sd``: the training set's SD of BMD_drr (g/cm2), the scale of the BMD_drr
+    consistency loss (so that its weight means what ``consistency``'s does).
+    """
 
     def __init__(
-        self, config: dict, stage: str, target_stats: dict, xbmd_version: str = __version__
+        self,
+        config: dict,
+        stage: str,
+        target_stats: dict,
+        xbmd_version: str = __version__,
+        bmd_drr_sd: float = 1.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -51,6 +67,7 @@ class StageModule(L.LightningModule):
         self.targets = list(config["stages"]["3"]["targets"])
         self.stats = target_stats
         self.region_probability = float(config["region_probability"])
+        self.bmd_drr_sd = float(bmd_drr_sd)
 
     # --------------------------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -91,11 +108,11 @@ class StageModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------
     def _augmented(self, batch):
-        x, drr, region, labels, _ = batch
+        x, drr, region, labels, _, kvp, hip = batch
         if self.config["augment"]["enabled"]:
             x, (drr, region) = augment(x, [drr, region], self.config["augment"])
             region = (region > 0.5).float()
-        return x, drr, region, labels
+        return x, drr, region, labels, kvp, hip
 
     def training_step(self, batch, batch_idx):
         if self.decomposition:
@@ -103,7 +120,7 @@ class StageModule(L.LightningModule):
         return self._regression_step(batch)
 
     def _gan_step(self, batch):
-        x, drr, region, _ = self._augmented(batch)
+        x, drr, region, _, _, _ = self._augmented(batch)
         w = self.config["losses"]
         opt_g, opt_d = self.optimizers()
         maps, _ = self.generator(x, regress=False)
@@ -151,29 +168,44 @@ class StageModule(L.LightningModule):
         )
         return loss_g
 
+    def _kvp_dropped(self, kvp: torch.Tensor) -> torch.Tensor:
+        """The kVp input with each sample's hidden (unknown: zeros) with ``kvp_dropout``."""
+        p = float(self.config["regression"]["kvp_dropout"])
+        hidden = torch.rand(kvp.shape[0], device=kvp.device) < p
+        return torch.where(hidden[:, None], torch.zeros_like(kvp), kvp)
+
     def _regression_step(self, batch):
-        x, drr, region, labels = self._augmented(batch)
-        keep = (
-            0.0
-            if self.config["ablation"] == "direct"
-            else self.config["stages"]["3"]["keep_decomposition"]
-        )
+        x, drr, region, labels, kvp, hip = self._augmented(batch)
+        s3 = self.config["stages"]["3"]
+        keep = 0.0 if self.config["ablation"] == "direct" else s3["keep_decomposition"]
+        grouped = s3["hip_group"] > 1  # the consistency losses need batches of hip groups
+        w_pred = s3["consistency"] if grouped else 0.0
+        w_drr = s3["consistency_drr"] if grouped else 0.0
         opt = self.optimizers()
-        maps, pred = self.generator(x, decode=keep > 0)
+        maps, pred = self.generator(x, decode=keep > 0 or w_drr > 0, kvp=self._kvp_dropped(kvp))
         ok = torch.isfinite(labels)
         loss_reg = F.smooth_l1_loss(pred[ok], labels[ok]) if ok.any() else pred.sum() * 0
         loss = loss_reg
+        parts = {"train/regression": loss_reg}
         if keep > 0:
             loss = (
                 loss
                 + keep * F.l1_loss(maps[:, 0], drr)
                 + F.binary_cross_entropy_with_logits(maps[:, 1], region)
             )
+        if w_pred > 0:
+            parts["train/consistency"] = group_variance(pred, hip)
+            loss = loss + w_pred * parts["train/consistency"]
+        if w_drr > 0:
+            parts["train/consistency_drr"] = group_variance(
+                self._bmd_drr(maps) / self.bmd_drr_sd, hip
+            )
+            loss = loss + w_drr * parts["train/consistency_drr"]
         opt.zero_grad()
         self.manual_backward(loss)
         opt.step()
         self.log_dict(
-            {"train/loss": loss, "train/regression": loss_reg},
+            {"train/loss": loss, **parts},
             on_step=False,
             on_epoch=True,
             batch_size=x.shape[0],
@@ -182,6 +214,14 @@ class StageModule(L.LightningModule):
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x.shape[0])
         return loss
 
+    def _bmd_drr(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B,) BMD_drr of the virtual X-rays (g/cm2) as :func:`region_bmd`, NaN where the region
+        is empty; differentiable through the DRR (the region is a threshold), NaN-free gradient."""
+        region = (torch.sigmoid(maps[:, 1]) > self.region_probability).to(maps.dtype)
+        area = region.sum((1, 2))
+        bmd = (maps[:, 0].clamp_min(0) * region).sum((1, 2)) / area.clamp_min(1)
+        return torch.where(area > 0, bmd, torch.full_like(bmd, float("nan")))
+
     def on_train_epoch_end(self) -> None:
         scheds = self.lr_schedulers()
         for s in scheds if isinstance(scheds, list) else [scheds]:
@@ -189,9 +229,9 @@ class StageModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------------
     def validation_step(self, batch, batch_idx):
-        x, drr, _, labels, bmd_drr = batch
+        x, drr, _, labels, bmd_drr, kvp, _ = batch
         direct = self.config["ablation"] == "direct"
-        maps, pred = self.generator(x, decode=not (self.stage == "3" and direct))
+        maps, pred = self.generator(x, decode=not (self.stage == "3" and direct), kvp=kvp)
         metrics = {}
         if maps is not None:
             fake = maps[:, 0].clamp_min(0)  # as the bundle predicts

@@ -27,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -34,7 +35,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from xbmd import __version__
 from xbmd.errors import InputError
 from xbmd.learn import config as cfg
-from xbmd.learn.data import StageDataset, load_training_data, patient_split, target_stats
+from xbmd.learn.data import (
+    HipGroupSampler,
+    StageDataset,
+    load_training_data,
+    patient_split,
+    target_stats,
+)
 from xbmd.learn.module import StageModule
 from xbmd.model.bundle import write_bundle
 
@@ -171,7 +178,9 @@ def _run_stage(
         log.info("stage %s already finished (%s): skipped", stage, final)
         return {"skipped": "already finished"}
     L.seed_everything(config["seed"] + int(stage), workers=True, verbose=False)
-    module = StageModule(config, stage, stats)
+    bmd_drr = train_data.labels["bmd_drr_g_cm2"]
+    bmd_drr_sd = float(np.nanstd(bmd_drr)) if np.isfinite(bmd_drr).sum() >= 2 else 1.0
+    module = StageModule(config, stage, stats, bmd_drr_sd=max(bmd_drr_sd, 1e-3))
     previous = _previous_stage(config, stage)
     if previous is not None:
         start = out / STAGE_DIRS[previous] / "final.pt"
@@ -188,12 +197,15 @@ def _run_stage(
     target = config["stages"][stage].get("target", "pf_drr_g_cm2")
     targets = list(config["stages"]["3"]["targets"])
     loader_args = {"batch_size": config["batch_size"], "num_workers": 0}
-    train_loader = torch.utils.data.DataLoader(
-        StageDataset(train_data, target, targets, stats),
-        shuffle=True,
-        drop_last=len(train_data) > config["batch_size"],
-        **loader_args,
-    )
+    train_set = StageDataset(train_data, target, targets, stats)
+    hip_group = config["stages"]["3"]["hip_group"] if stage == "3" else 1
+    if hip_group > 1:  # batches of radiographs of one hip (the consistency losses)
+        sampler = HipGroupSampler(train_data.hips, hip_group, config["batch_size"], config["seed"])
+        train_loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, num_workers=0)
+    else:
+        train_loader = torch.utils.data.DataLoader(
+            train_set, shuffle=True, drop_last=len(train_data) > config["batch_size"], **loader_args
+        )
     val_loader = (
         torch.utils.data.DataLoader(StageDataset(val_data, target, targets, stats), **loader_args)
         if val_data is not None and len(val_data)
@@ -222,6 +234,8 @@ def _run_stage(
         enable_model_summary=False,
         log_every_n_steps=10,
         num_sanity_val_steps=0,
+        # the hip-group sampler shards its batches across processes itself
+        use_distributed_sampler=hip_group == 1,
         default_root_dir=stage_dir,
     )
     last = stage_dir / "last.ckpt"

@@ -29,7 +29,7 @@ import torch
 from xbmd import __version__
 from xbmd.dataset.hip import CROP_PIXEL_MM, CROP_SIZE_PX, HEAD_POSITION
 from xbmd.errors import InputError
-from xbmd.model.inputs import model_input, region_bmd
+from xbmd.model.inputs import kvp_features, model_input, region_bmd
 
 FORMAT = "xbmd-model"
 #: 2: the hip crop is recorded (``crop``). Version 1 bundles were all trained on the crop of
@@ -123,13 +123,23 @@ class ModelBundle:
             self.localiser = localiser_from_state(bundle["localiser"])
             self.localiser.eval()
 
+    @property
+    def uses_kvp(self) -> bool:
+        """Whether the regression head takes the tube voltage (``regression.kvp``)."""
+        return self.generator.kvp
+
     @torch.no_grad()
-    def predict(self, xray: np.ndarray, valid: np.ndarray, tta: bool = False) -> Prediction:
+    def predict(
+        self, xray: np.ndarray, valid: np.ndarray, tta: bool = False, kvp=None
+    ) -> Prediction:
         """Predict for hip crops: xray (N, 256, 256) raw crop values, valid (N, 256, 256) bool.
 
         ``tta``: the regression outputs are the mean over test-time views
         (``xbmd.model.uncertainty``), with their SD and the features of the out-of-distribution
         score; the virtual X-ray is the unaltered view's.
+        ``kvp``: the tube voltage of the radiographs (kVp): one value or None for all crops, or
+        one per crop, NaN = unknown (:func:`xbmd.model.inputs.kvp_features`). Only a model
+        trained with the kVp input uses it; others ignore it.
         """
         xray = np.asarray(xray, dtype=np.float32)
         valid = np.asarray(valid, dtype=bool)
@@ -138,7 +148,10 @@ class ModelBundle:
         inputs = np.stack(
             [model_input(x, v, self.image_size) for x, v in zip(xray, valid, strict=True)]
         )
-        maps, pred = self.generator(torch.from_numpy(inputs))
+        kvp_in = kvp_features(kvp, len(inputs)) if self.uses_kvp else None
+        maps, pred = self.generator(
+            torch.from_numpy(inputs), kvp=None if kvp_in is None else torch.from_numpy(kvp_in)
+        )
         drr_t = maps[:, 0].clamp_min(0)
         prob_t = torch.sigmoid(maps[:, 1])
         bmd = region_bmd(drr_t, prob_t > self.region_probability).numpy()
@@ -149,7 +162,7 @@ class ModelBundle:
         if tta:
             from xbmd.model.uncertainty import tta_targets
 
-            pred, pred_sd, features = tta_targets(self.generator, inputs)
+            pred, pred_sd, features = tta_targets(self.generator, inputs, kvp_in)
         targets, targets_sd = {}, ({} if tta else None)
         for j, t in enumerate(self.targets):
             mean, sd = self.target_stats[t]

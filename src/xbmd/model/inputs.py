@@ -9,7 +9,8 @@ of 0.75 detector mm) in training and in ``xbmd estimate`` alike:
 3. channel 0 is that image, channel 1 the valid mask.
 
 :func:`region_bmd` turns a virtual X-ray and its region into BMD_drr, the mean areal density
-inside the region (g/cm2).
+inside the region (g/cm2). :func:`kvp_features` is the regression head's kVp input of a model
+trained with it (``regression.kvp``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,31 @@ def model_input(xray: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
 def downsample_map(image: np.ndarray, size: int) -> np.ndarray:
     """Area average of a (256, 256) map (a DRR in g/cm2 keeps its units) to ``size``."""
     return block_mean(np.asarray(image, dtype=np.float32), image.shape[-1] // size)
+
+
+#: The kVp input: (kVp - KVP_CENTER) / KVP_SCALE, with a flag saying it is known.
+KVP_CENTER, KVP_SCALE = 75.0, 10.0
+#: Tube voltages outside this range (kVp) are taken as unknown: no radiograph of the hip is
+#: made outside it, so such a DICOM KVP is a wrong value, not a device setting.
+KVP_PLAUSIBLE = (40.0, 150.0)
+
+
+def kvp_features(kvp, n: int | None = None) -> np.ndarray:
+    """(N, 2) float32 kVp input of the regression head: ``[(kVp - 75) / 10, 1]`` where the kVp
+    is known, ``[0, 0]`` where not (None, NaN, or outside ``KVP_PLAUSIBLE``).
+
+    ``kvp``: a number or None (the same for all ``n`` crops), or (N,) values, NaN = unknown.
+    """
+    values = np.atleast_1d(np.asarray(np.nan if kvp is None else kvp, dtype=np.float64))
+    if values.ndim != 1:
+        raise InputError(f"kvp must be one value or one per crop, not shape {values.shape}")
+    if n is not None and values.size == 1:
+        values = np.repeat(values, n)
+    if n is not None and values.size != n:
+        raise InputError(f"{values.size} kVp values for {n} crops")
+    known = np.isfinite(values) & (values >= KVP_PLAUSIBLE[0]) & (values <= KVP_PLAUSIBLE[1])
+    scaled = np.where(known, (np.where(known, values, KVP_CENTER) - KVP_CENTER) / KVP_SCALE, 0.0)
+    return np.stack([scaled, known.astype(np.float64)], axis=1).astype(np.float32)
 
 
 def region_bmd(drr: torch.Tensor, region: torch.Tensor) -> torch.Tensor:

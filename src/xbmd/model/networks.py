@@ -23,6 +23,9 @@ from xbmd.model.blocks import Convolution, ResidualUnit, UpSample
 IN_CHANNELS = 2
 #: Generator output channels: the DRR (g/cm2) and the logit of its region.
 OUT_CHANNELS = 2
+#: Extra inputs of the regression head of a model with the kVp input: the normalised kVp and
+#: its known flag (:func:`xbmd.model.inputs.kvp_features`).
+KVP_INPUTS = 2
 FLEXIBLE_BACKBONES = (
     "resnet10",
     "resnet18",
@@ -93,19 +96,35 @@ class RegressionHead(nn.Module):
 
     The grid keeps where things are: the backbone's instance normalisation makes each channel's
     global mean nearly constant, so a global average pool alone carries almost no signal.
+
+    ``extra_inputs`` (0 or ``KVP_INPUTS``) are appended to the pooled features: the kVp input
+    (:func:`xbmd.model.inputs.kvp_features`). Without them the head, its parameter names and
+    its outputs are those of a head without the option.
     """
 
     GRID = 4
 
-    def __init__(self, in_features: int, n_targets: int, hidden: int = 64) -> None:
+    def __init__(
+        self, in_features: int, n_targets: int, hidden: int = 64, extra_inputs: int = 0
+    ) -> None:
         super().__init__()
+        self.extra_inputs = extra_inputs
         self.pool = nn.AdaptiveAvgPool2d(self.GRID)
         self.mlp = nn.Sequential(
-            nn.Linear(in_features * self.GRID**2, hidden), nn.PReLU(), nn.Linear(hidden, n_targets)
+            nn.Linear(in_features * self.GRID**2 + extra_inputs, hidden),
+            nn.PReLU(),
+            nn.Linear(hidden, n_targets),
         )
 
-    def forward(self, deepest: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.pool(deepest).flatten(1))
+    def forward(self, deepest: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """deepest (B, C, h, w) -> (B, n_targets); extra (B, extra_inputs), None: all zero
+        (for the kVp input: unknown)."""
+        pooled = self.pool(deepest).flatten(1)
+        if not self.extra_inputs:
+            return self.mlp(pooled)
+        if extra is None:
+            extra = pooled.new_zeros(pooled.shape[0], self.extra_inputs)
+        return self.mlp(torch.cat([pooled, extra.to(pooled)], dim=1))
 
 
 class Generator(nn.Module):
@@ -116,6 +135,8 @@ class Generator(nn.Module):
     backbone : one of ``BACKBONES``.
     channels, res_units : the ``'unet'`` backbone's channels per level and residual subunits.
     n_targets : regression outputs (0: no head).
+    kvp : the head also takes the kVp input (``KVP_INPUTS`` values,
+        :func:`xbmd.model.inputs.kvp_features`).
     """
 
     def __init__(
@@ -124,6 +145,7 @@ class Generator(nn.Module):
         channels: list[int] | tuple[int, ...] = (16, 32, 64, 128, 256),
         res_units: int = 1,
         n_targets: int = 0,
+        kvp: bool = False,
     ) -> None:
         super().__init__()
         if backbone == "unet":
@@ -132,15 +154,31 @@ class Generator(nn.Module):
             self.backbone = _FlexibleBackbone(backbone)
         else:
             raise InputError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
-        self.head = RegressionHead(self.backbone.out_features, n_targets) if n_targets else None
+        self.kvp = bool(kvp)
+        self.head = (
+            RegressionHead(
+                self.backbone.out_features, n_targets, extra_inputs=KVP_INPUTS if kvp else 0
+            )
+            if n_targets
+            else None
+        )
 
     def forward(
-        self, x: torch.Tensor, decode: bool = True, regress: bool = True
+        self,
+        x: torch.Tensor,
+        decode: bool = True,
+        regress: bool = True,
+        kvp: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(maps (B, 2, H, W) or None, targets (B, n_targets) or None)."""
+        """(maps (B, 2, H, W) or None, targets (B, n_targets) or None).
+
+        ``kvp``: (B, 2) kVp input of a model with ``kvp`` (None: unknown); ignored otherwise.
+        """
         features = self.backbone.encode(x)
         maps = self.backbone.decode(features) if decode else None
-        targets = self.head(features[-1]) if (regress and self.head is not None) else None
+        targets = None
+        if regress and self.head is not None:
+            targets = self.head(features[-1], kvp) if self.kvp else self.head(features[-1])
         return maps, targets
 
 
@@ -152,4 +190,6 @@ def build_generator(config: dict) -> Generator:
         g["channels"],
         g["res_units"],
         n_targets=len(config["stages"]["3"]["targets"]),
+        # configs older than the kVp input have no "regression" section
+        kvp=bool(config.get("regression", {}).get("kvp", False)),
     )

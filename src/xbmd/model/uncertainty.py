@@ -77,13 +77,17 @@ def _views(inputs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def tta_targets(generator, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def tta_targets(
+    generator, inputs: np.ndarray, kvp: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Standardised regression outputs over the test-time views.
 
     Parameters
     ----------
     generator : ``xbmd.model.networks.Generator`` with a regression head (eval mode).
     inputs : (N, 2, S, S) float32 model inputs (``xbmd.model.inputs.model_input``).
+    kvp : (N, 2) kVp input (``xbmd.model.inputs.kvp_features``) of a generator with the kVp
+        input, the same for every view of a crop; None: unknown. Ignored by other generators.
 
     Returns
     -------
@@ -93,7 +97,12 @@ def tta_targets(generator, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     x = torch.from_numpy(np.asarray(inputs, dtype=np.float32))
     n = x.shape[0]
     feats = generator.backbone.encode(_views(x))[-1]
-    pred = generator.head(feats).reshape(len(TTA_VIEWS), n, -1)
+    if getattr(generator, "kvp", False):
+        extra = None if kvp is None else torch.as_tensor(kvp).repeat(len(TTA_VIEWS), 1)
+        pred = generator.head(feats, extra)
+    else:
+        pred = generator.head(feats)
+    pred = pred.reshape(len(TTA_VIEWS), n, -1)
     pooled = generator.head.pool(feats[:n]).flatten(1)
     return pred.mean(0).numpy(), pred.std(0).numpy(), pooled.numpy()
 
