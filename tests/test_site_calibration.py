@@ -128,3 +128,38 @@ def test_evaluate_writes_the_file_that_estimate_applies(tmp_path):
         and not (tmp_path / "rep2" / "site_calibration.json").exists()
     )
     assert quiet["not_available"]["site_calibration"] == "not requested"
+
+
+def test_estimator_applies_the_site_calibration_and_records_it(
+    estimator, images, monkeypatch, tmp_path
+):
+    """The estimator with a site calibration reports the mapped BMD (and T-score from it) and
+    records the line and the uncalibrated value in result.json."""
+    from estimate_helpers import HEADS, fake_heads, fixed_prediction
+
+    from xbmd.estimation.estimator import Estimator
+    from xbmd.estimation.output import write_results
+
+    fake_heads(monkeypatch, HEADS)
+    monkeypatch.setattr(
+        estimator.bundle, "predict", lambda x, v, tta=False, kvp=None: fixed_prediction(7500, 0.85)
+    )
+    plain = estimator.estimate(images / "pelvis.dcm")
+    cal = SiteCalibration(1.10, 0.03, "deming", 60, (0.5, 1.1))
+    cal.write(tmp_path / "site.json")
+    calibrated = Estimator(estimator.bundle, site_calibration=tmp_path / "site.json")
+    results = calibrated.estimate(images / "pelvis.dcm")
+    assert [r.side for r in results] == [r.side for r in plain]
+    for before, after in zip(plain, results, strict=True):
+        assert before.bmd_g_cm2 == pytest.approx(0.85)
+        assert after.bmd_g_cm2 == pytest.approx(0.03 + 1.10 * 0.85)
+        assert after.t_score > before.t_score  # the T-score is of the calibrated BMD
+        assert after.site_calibration["uncalibrated_bmd_g_cm2"] == pytest.approx(0.85)
+        assert before.site_calibration is None
+    write_results(results, tmp_path / "out")
+    saved = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("result.json")]
+    assert saved and all(s["site_calibration"]["slope"] == pytest.approx(1.10) for s in saved)
+    # a bad file is one clear error at start, naming it
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="bad.json"):
+        Estimator(estimator.bundle, site_calibration=tmp_path / "bad.json")

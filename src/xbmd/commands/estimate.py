@@ -63,6 +63,13 @@ def main(
         help="Detector pixel spacing, mm, for images that record none (PNG, JPEG, some TIFF); "
         "files with their own keep it (a warning says when it differs).",
     ),
+    site_calibration: Path | None = typer.Option(
+        None,
+        "--site-calibration",
+        help="A site-calibration file (site_calibration.json, written by xbmd evaluate from the "
+        "site's own DXA): the BMD and its interval are mapped onto the site's DXA scale before "
+        "the T-score; recorded in every result.json.",
+    ),
     reference: Reference = typer.Option(
         _DEFAULT_REFERENCE,
         "--reference",
@@ -107,7 +114,7 @@ def main(
         from xbmd.estimation.estimator import Estimator
         from xbmd.estimation.output import summary_line
 
-        estimator = Estimator(model, reference=reference.value)
+        estimator = Estimator(model, reference=reference.value, site_calibration=site_calibration)
 
         def bar(images):
             return tqdm(images, unit="image", disable=not progress or len(images) < 2, file=_err())

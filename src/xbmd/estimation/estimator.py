@@ -102,6 +102,9 @@ class Estimator:
     reference : T-score reference, one of ``xbmd.tscore.REFERENCES``.
     tta : test-time augmentation (``xbmd.model.uncertainty``); default: when the model carries
         a calibrated interval.
+    site_calibration : a site-calibration file (``xbmd evaluate`` writes it from a site's DXA;
+        ``xbmd.estimation.site``) or a loaded ``SiteCalibration``: the BMD and its interval are
+        mapped onto the site's DXA scale before the T-score; None: none.
 
     Examples
     --------
@@ -113,8 +116,13 @@ class Estimator:
     """
 
     def __init__(
-        self, model=None, reference: str = DEFAULT_REFERENCE, tta: bool | None = None
+        self,
+        model=None,
+        reference: str = DEFAULT_REFERENCE,
+        tta: bool | None = None,
+        site_calibration=None,
     ) -> None:
+        from xbmd.estimation.site import SiteCalibration, load_site_calibration
         from xbmd.model.bundle import ModelBundle, load_bundle
 
         if reference not in REFERENCES:
@@ -126,6 +134,11 @@ class Estimator:
                 f"not {BMD_TARGET} (the total hip aBMD that T-scores need)"
             )
         self.reference = reference
+        self.site = (
+            site_calibration
+            if site_calibration is None or isinstance(site_calibration, SiteCalibration)
+            else load_site_calibration(site_calibration)
+        )
         self.uncertainty = from_state(self.bundle.uncertainty)
         #: Test-time augmentation: by default when the model is calibrated (its interval is).
         self.tta = self.uncertainty is not None if tta is None else bool(tta)
@@ -350,6 +363,11 @@ class Estimator:
                     f"threshold {self.uncertainty[1].threshold:.2f}): an unfamiliar device or "
                     "processing, an implant, or not a hip radiograph"
                 )
+        site = None
+        if self.site is not None:
+            site = self.site.apply(bmd, interval, self.model_info)
+            bmd, interval = site.bmd_g_cm2, site.interval_g_cm2
+            common = [*common, *site.warnings]
         patient = _patient(xray)
         scores, score_warnings = clinical_scores(
             bmd, interval, patient["sex"], patient["age_years"], self.reference, not reasons
@@ -383,6 +401,7 @@ class Estimator:
             bmd_interval_g_cm2=interval,
             ood_score=ood,
             ood_threshold=self.uncertainty[1].threshold if self.uncertainty else None,
+            site_calibration=None if site is None else site.record,
             tta_sd_g_cm2=spread,
             features=features,
             **scores,

@@ -92,6 +92,9 @@ class HipResult:
     #: image is refused as unfamiliar.
     ood_score: float | None = None
     ood_threshold: float | None = None
+    #: The site calibration applied (``xbmd.estimation.site``): the line, its file and the
+    #: uncalibrated estimate; None when none was given.
+    site_calibration: dict | None = None
     #: The reasons this estimate is not confident (a subset of ``warnings``; empty: confident).
     gate: list[str] = field(default_factory=list)
     #: With test-time augmentation: the SD of the BMD over the views (g/cm2) and the image's
@@ -160,6 +163,7 @@ class HipResult:
                 "pixel_spacing_mm": list(self.pixel_spacing_mm),
                 "spacing_source": self.spacing_source,
                 "model": self.model,
+                "site_calibration": self.site_calibration,
                 "xbmd_version": __version__,
                 "seconds": round(self.seconds, 3),
             }
