@@ -136,7 +136,6 @@ def test_estimator_applies_the_site_calibration_and_records_it(
     """The estimator with a site calibration reports the mapped BMD (and T-score from it) and
     records the line and the uncalibrated value in result.json."""
     from estimate_helpers import HEADS, fake_heads, fixed_prediction
-
     from xbmd.estimation.estimator import Estimator
     from xbmd.estimation.output import write_results
 
@@ -161,5 +160,5 @@ def test_estimator_applies_the_site_calibration_and_records_it(
     assert saved and all(s["site_calibration"]["slope"] == pytest.approx(1.10) for s in saved)
     # a bad file is one clear error at start, naming it
     (tmp_path / "bad.json").write_text("{}")
-    with pytest.raises(InputError, match="bad.json"):
+    with pytest.raises(InputError, match=r"bad\.json"):
         Estimator(estimator.bundle, site_calibration=tmp_path / "bad.json")
