@@ -13,9 +13,9 @@ HELP = (
     "prepared dataset (`xbmd prepare`; its original radiographs must be reachable): the model is "
     "run end to end with test-time augmentation, the interval fitted by normalised split "
     "conformal prediction against the hips' references, the score's threshold at the 99th "
-    "percentile of the calibration images (docs/model-card.md). Writes a copy of the bundle "
-    "carrying both; `xbmd estimate` with it reports an interval on every BMD and refuses "
-    "unfamiliar images."
+    "percentile of the calibration images times a margin (docs/model-card.md). Writes a copy of "
+    "the bundle carrying both; `xbmd estimate` with it reports an interval on every BMD and "
+    "marks images above the threshold not confident (unfamiliar)."
 )
 
 
