@@ -129,7 +129,7 @@ def main(
             age_years=age,
             sex=sex.value if sex else None,
             figures=figures,
-            dicom_out=dicom_out,
+            dicom_writer=None if dicom_out is None else _dicom_writer(dicom_out),
             progress=bar,
             on_hip=lambda r: tqdm.write(summary_line(r), file=_err() if as_json else _out()),
             on_failure=lambda path, error: tqdm.write(f"error: {error}", file=_err()),
@@ -167,3 +167,9 @@ def _out():
     import sys
 
     return sys.stdout
+
+
+def _dicom_writer(folder: Path):
+    from xbmd.pacs.outputs import dicom_writer
+
+    return dicom_writer(folder)

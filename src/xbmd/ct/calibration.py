@@ -12,6 +12,11 @@ three ways (``Calibration.method``):
 
 Every region value is a median of voxels, so noise and a few outlier voxels do not move it. The
 method, the reference values and their derivation are in docs/calibration.md.
+
+Why one module of about 800 lines: the calibration file format (:class:`Calibration`), the
+phantom description and both fits share the plausibility checks (slope range, units of the rod
+densities, the line's sign) that every way of making a calibration must pass; split, the checks
+would be imported back and forth or duplicated.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def estimate_batch(
     age_years: float | None = None,
     sex: str | None = None,
     figures: bool = True,
-    dicom_out: Path | None = None,
+    dicom_writer: Callable[[list[HipResult], Path, str], None] | None = None,
     filters: InputFilter | None = None,
     progress: Callable[[Iterator], Iterator] | None = None,
     on_hip: Callable[[HipResult], None] | None = None,
@@ -92,6 +92,8 @@ def estimate_batch(
 
     ``on_hip`` and ``on_failure`` are told of each result and failure as they come (the
     command prints them); ``progress`` wraps the loop over images (a progress bar).
+    ``dicom_writer(results, path, name)``, when given, writes a radiograph's DICOM results
+    (``xbmd.pacs.outputs.dicom_writer``: estimation does not depend on the PACS package).
     """
     out = check_output_folder(Path(out))
     for name in SUMMARY_FILES:
@@ -115,8 +117,8 @@ def estimate_batch(
                     continue
                 if uid:
                     seen_uids[uid] = str(path)
-                if dicom_out is not None:
-                    _write_dicom(found, path, dicom_out, name)
+                if dicom_writer is not None:
+                    dicom_writer(found, path, name)
                 write_results(found, out, name, figures=figures)
             except XbmdError as exc:
                 failure = {"image": str(path), "error": str(exc)}
@@ -140,16 +142,3 @@ def estimate_batch(
         if batch.skipped:
             write_skipped(batch.skipped, out / "skipped.csv")
     return batch
-
-
-def _write_dicom(found: list[HipResult], path: Path, folder: Path, name: str) -> None:
-    """The SR and SC of one radiograph into ``folder``; their paths and UIDs into the results."""
-    from xbmd.pacs.outputs import dicom_outputs, read_header, write_outputs
-
-    if found[0].xray.meta.get("format") != "dicom":
-        for r in found:
-            r.warnings.append("not DICOM: no SR or SC written (no study to put them in)")
-        return
-    written = write_outputs(dicom_outputs(read_header(path), found), folder, name)
-    for r in found:
-        r.files.update(written)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from xbmd.errors import InputError
+from xbmd.io.ct_dicom import SEG_SOP_CLASS
 from xbmd.units import LABEL
 from xbmd.volume import Volume
 
@@ -81,7 +82,6 @@ BLOOD_POOL_IDS = tuple(
     for k in ("heart", "aorta", "inferior_vena_cava", "iliac_artery_left", "iliac_artery_right",
               "iliac_vena_left", "iliac_vena_right")
 )  # fmt: skip
-_SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _NIFTI = (".nii.gz", ".nii")
 
 
@@ -103,7 +103,7 @@ def _is_seg_file(path: Path) -> bool:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
     except (InvalidDicomError, OSError, ValueError, EOFError):
         return False
-    return str(ds.get("SOPClassUID", "")) == _SEG_SOP_CLASS
+    return str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS
 
 
 def _seg_in_folder(folder: Path) -> Path | None:

@@ -90,3 +90,19 @@ def write_outputs(outputs: DicomOutputs, folder: str | Path, name: str) -> dict[
         "sr_sop_instance_uid": outputs.sr_uid,
         "sc_sop_instance_uid": outputs.sc_uid,
     }
+
+
+def dicom_writer(folder: Path):
+    """A ``dicom_writer`` for ``xbmd.estimation.batch.estimate_batch``: the SR and SC of each
+    DICOM radiograph into ``folder``, their paths and UIDs into its results."""
+
+    def write(found: list, path: Path, name: str) -> None:
+        if found[0].xray.meta.get("format") != "dicom":
+            for r in found:
+                r.warnings.append("not DICOM: no SR or SC written (no study to put them in)")
+            return
+        written = write_outputs(dicom_outputs(read_header(path), found), folder, name)
+        for r in found:
+            r.files.update(written)
+
+    return write
