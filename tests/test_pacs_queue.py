@@ -73,6 +73,7 @@ def test_config_reads_secrets_from_files_relative_to_it(tmp_path):
     assert config.worklist.host == "127.0.0.1" and config.worklist.token == "t" * 20
     assert config.state_dir == tmp_path / "st" and config.database.name == "jobs.sqlite"
     assert config.filters.body_parts == ("PELVIS",)
+    assert config.site_calibration is None
 
 
 @pytest.mark.parametrize(
@@ -87,6 +88,8 @@ def test_config_reads_secrets_from_files_relative_to_it(tmp_path):
         ("orthanc: {url: http://x}\nworklist: {token: tttttttttttttttttttt, port: many}\n",
          "invalid literal"),
         ("orthanc: [\n", "not valid YAML"),
+        ("orthanc: {url: http://x}\nworklist: {token: tttttttttttttttttttt}\n"
+         "site_calibration: nowhere.json\n", "site_calibration .*nowhere.json is not a file"),
     ],
 )  # fmt: skip
 def test_config_errors_name_the_file_and_the_setting(tmp_path, text, message):

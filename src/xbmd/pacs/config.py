@@ -51,6 +51,7 @@ class ServiceConfig:
     state_dir: Path
     model: Path | None = None
     reference: str | None = None
+    site_calibration: Path | None = None
     filters: InputFilter = field(default_factory=InputFilter)
     backlog: bool = False
     store: bool = True
@@ -67,8 +68,9 @@ class ServiceConfig:
 
 
 _TOP = {
-    "orthanc", "worklist", "state_dir", "model", "reference", "filters", "backlog", "store",
-    "workers", "torch_threads", "poll_interval_s", "max_attempts", "retry_max_delay_s",
+    "orthanc", "worklist", "state_dir", "model", "reference", "site_calibration", "filters",
+    "backlog", "store", "workers", "torch_threads", "poll_interval_s", "max_attempts",
+    "retry_max_delay_s",
 }  # fmt: skip
 
 
@@ -138,6 +140,11 @@ def load_config(path: str | Path) -> ServiceConfig:
             state_dir=base / str(raw.get("state_dir", "xbmd_state")),
             model=None if raw.get("model") is None else base / str(raw["model"]),
             reference=raw.get("reference"),
+            site_calibration=(
+                None
+                if raw.get("site_calibration") is None
+                else base / str(raw["site_calibration"])
+            ),
             filters=filters,
             backlog=bool(raw.get("backlog", False)),
             store=bool(raw.get("store", True)),
@@ -162,4 +169,6 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise InputError(f"{path}: worklist.port {config.worklist.port} is not 1-65535")
     if config.model is not None and not config.model.is_file():
         raise InputError(f"{path}: model {config.model} is not a file")
+    if config.site_calibration is not None and not config.site_calibration.is_file():
+        raise InputError(f"{path}: site_calibration {config.site_calibration} is not a file")
     return config

@@ -75,7 +75,9 @@ class Service:
 
                 torch.set_num_threads(self.config.torch_threads)
                 self._estimator = Estimator(
-                    self.config.model, reference=self.config.reference or DEFAULT_REFERENCE
+                    self.config.model,
+                    reference=self.config.reference or DEFAULT_REFERENCE,
+                    site_calibration=self.config.site_calibration,
                 )
             return self._estimator
 
