@@ -141,9 +141,7 @@ def load_config(path: str | Path) -> ServiceConfig:
             model=None if raw.get("model") is None else base / str(raw["model"]),
             reference=raw.get("reference"),
             site_calibration=(
-                None
-                if raw.get("site_calibration") is None
-                else base / str(raw["site_calibration"])
+                None if raw.get("site_calibration") is None else base / str(raw["site_calibration"])
             ),
             filters=filters,
             backlog=bool(raw.get("backlog", False)),
