@@ -33,6 +33,20 @@ def test_the_conformal_interval_covers_95_percent_of_new_cases():
     assert (hi - lo)[spread > 0.05].mean() > 1.5 * (hi - lo)[spread < 0.02].mean()
 
 
+def test_a_constant_shift_of_the_estimates_is_taken_out_before_the_interval():
+    """A model reading every image 0.05 g/cm2 low: the calibration finds the offset, and the
+    corrected estimates' interval keeps its coverage and its width (not widened by the shift)."""
+    estimate, reference, spread = _heteroscedastic(400, seed=5)
+    plain = Interval.fit("bmd", estimate, reference, spread)
+    shifted = Interval.fit("bmd", estimate - 0.05, reference, spread)
+    assert abs(plain.offset) < 0.01
+    assert shifted.offset == pytest.approx(0.05 + plain.offset, abs=0.01)
+    assert shifted.q == pytest.approx(plain.q, rel=0.1)
+    new_estimate, new_reference, new_spread = _heteroscedastic(20000, seed=6)
+    lo, hi = shifted.bounds(shifted.correct(new_estimate - 0.05), new_spread)
+    assert 0.92 < np.mean((new_reference >= lo) & (new_reference <= hi)) < 0.985
+
+
 def test_too_few_calibration_cases_are_refused():
     with pytest.raises(ValueError, match="at least 20"):
         Interval.fit("bmd", *_heteroscedastic(10, seed=3))

@@ -11,8 +11,9 @@ from xbmd.commands._common import user_errors
 HELP = (
     "Calibrate a model's 95 % prediction interval and its out-of-distribution score on a held-out "
     "prepared dataset (`xbmd prepare`; its original radiographs must be reachable): the model is "
-    "run end to end with test-time augmentation, the interval fitted by normalised split "
-    "conformal prediction against the hips' references, the score's threshold at the 99th "
+    "run end to end with test-time augmentation; the median offset of its estimates from the "
+    "hips' references is taken out, the interval fitted by normalised split "
+    "conformal prediction against the references, the score's threshold at the 99th "
     "percentile of the calibration images times a margin (docs/model-card.md). Writes a copy of "
     "the bundle carrying both; `xbmd estimate` with it reports an interval on every BMD and "
     "marks images above the threshold not confident (unfamiliar)."
@@ -39,6 +40,7 @@ def main(
         summary = calibrate_model(model, dataset, out, target=target, progress=bar)
     typer.echo(
         f"calibrated on {summary['hips']} hips ({summary['radiographs_failed']} radiographs "
-        f"failed): interval +- {summary['q']:.2f} x (TTA SD + {summary['sd_floor_g_cm2']:.4f}) "
-        f"g/cm2, feature score threshold {summary['ood_threshold']:.2f}; model: {summary['model']}"
+        f"failed): offset {summary['offset_g_cm2']:+.4f} g/cm2, interval +- {summary['q']:.2f} x "
+        f"(TTA SD + {summary['sd_floor_g_cm2']:.4f}) g/cm2, feature score threshold "
+        f"{summary['ood_threshold']:.2f}; model: {summary['model']}"
     )

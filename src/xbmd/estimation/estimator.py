@@ -150,6 +150,7 @@ class Estimator:
             "targets": list(self.bundle.targets),
             "localiser": self.bundle.localiser is not None,
             "interval": None if self.uncertainty is None else self.bundle.uncertainty["method"],
+            "bmd_offset_g_cm2": None if self.uncertainty is None else self.uncertainty[0].offset,
         }
 
     # ---- in memory
@@ -355,6 +356,7 @@ class Estimator:
             spread = float(prediction.targets_sd[BMD_TARGET][k])
             features = prediction.features[k]
         if self.uncertainty is not None:
+            bmd = self.uncertainty[0].correct(bmd)
             interval = self.uncertainty[0].bounds(bmd, spread)
             ood = float(self.uncertainty[1].score(features[None])[0])
             if ood > self.uncertainty[1].threshold:

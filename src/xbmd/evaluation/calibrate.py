@@ -93,6 +93,7 @@ def calibrate_model(
         **provenance,
         "q": interval.q,
         "sd_floor_g_cm2": interval.sd_floor,
+        "offset_g_cm2": interval.offset,
         "ood_threshold": feature_model.threshold,
         "failures": failures,
         "model": str(out),
