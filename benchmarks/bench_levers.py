@@ -2,8 +2,9 @@
 
 A run trained with every lever (``configs/levers.yaml``: processing augmentation in every stage,
 the kVp input and hip-group consistency in stage 3) gives its stages 1 and 2 and its localiser to
-variants that change stage 3 only: without the consistency loss, without the kVp input, and
-without either (processing augmentation alone). Each variant's stage 3 is trained
+variants that change stage 3 only: without the consistency loss, and without it and the kVp
+input (processing augmentation alone); each lever's effect is the difference between
+neighbouring rows. Each variant's stage 3 is trained
 (``xbmd train --stages 3`` in a copy of the run), then every model (the variants, the full run and
 a run of ``configs/default.yaml`` on the same data, trained separately) is evaluated end to end
 with ``xbmd evaluate`` on a development dataset (never the validation cohort: the choice of
@@ -36,7 +37,6 @@ import yaml
 VARIANTS = {
     "levers, no consistency": {"stages.3.hip_group": 1, "stages.3.consistency": 0.0,
                                "stages.3.consistency_drr": 0.0},
-    "levers, no kVp": {"regression.kvp": False},
     "processing augmentation only": {"regression.kvp": False, "stages.3.hip_group": 1,
                                      "stages.3.consistency": 0.0, "stages.3.consistency_drr": 0.0},
 }  # fmt: skip
