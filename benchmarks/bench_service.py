@@ -51,7 +51,7 @@ def free_port() -> int:
 
 class Bench:
     def __init__(self, out: Path, workers: int, threads: int) -> None:
-        self.out = out
+        self.out = out.resolve()  # the service runs in it: paths must not be relative
         self.port = free_port()
         self.orthanc = OrthancSandbox(out / "orthanc")
         self.workers, self.threads = workers, threads
