@@ -34,6 +34,7 @@ SECTIONS = (
     "Decomposition",
     "Reproducibility over poses",
     "Robustness",
+    "Site calibration",
     "Gallery",
 )
 COMMAND = 'xbmd evaluate --model m.pt --data "a&b" <cohort>'
@@ -68,6 +69,11 @@ def make_table(n_patients: int = 3, poses: int = 2, seed: int = 0) -> list[dict]
 def make_metrics() -> dict:
     metrics = _make_metrics()
     metrics["end_to_end"]["diagnostic"] = copy.deepcopy(metrics["diagnostic"])
+    metrics["site_calibration"] = {
+        "method": "passing-bablok", "slope": 1.04, "intercept": -0.02, "slope_ci": [0.97, 1.12],
+        "intercept_ci": [-0.08, 0.04], "n_hips": 44, "residual_sd_g_cm2": 0.061,
+        "dxa_scale": "hologic", "file": "site_calibration.json", "warnings": [],
+    }  # fmt: skip
     return metrics
 
 
@@ -493,7 +499,8 @@ def test_html_special_characters_are_escaped(full_report):
 def test_missing_sections_say_not_available(tmp_path):
     metrics = make_metrics()
     for key in ("diagnostic", "decomposition", "reproducibility", "robustness", "end_to_end",
-                "sessions", "whole_file_robustness", "interval", "gate"):  # fmt: skip
+                "sessions", "whole_file_robustness", "interval", "gate",
+                "site_calibration"):  # fmt: skip
         metrics[key] = None
     del metrics["runtime_s"]
     metrics["agreement"][0]["pearson_r"] = float("nan")
@@ -501,7 +508,7 @@ def test_missing_sections_say_not_available(tmp_path):
     page = write_report(tmp_path, metrics, make_table(), []).read_text(encoding="utf-8")
     for heading in SECTIONS:
         assert heading in page
-    assert page.count('class="na">not available: ') == 10  # 9 sections + empty gallery
+    assert page.count('class="na">not available: ') == 11  # 10 sections + empty gallery
     assert "n/a [0.710 to 0.975]" in page
     figures = sorted(p.name for p in (tmp_path / "figures").iterdir())
     assert figures == ["bland_altman.png", "scatter.png"]
