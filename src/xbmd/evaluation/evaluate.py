@@ -175,7 +175,7 @@ def _end_to_end(bundle, dataset, radiographs, wanted: bool | None, progress):
 def _end_to_end_block(e2e: EndToEndRun, target: str) -> tuple[dict, tuple[str, str] | None]:
     samples = e2e.samples
     block = {
-        "radiographs_root": None if e2e.root is None else str(e2e.root),
+        "radiographs_root": None if e2e.root is None else shown_path(e2e.root),
         "counts": {
             "radiographs": len(e2e.radiographs),
             "hips_expected": len(e2e.records),
