@@ -19,7 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xbmd.io.xray import CR_IMAGE_STORAGE, DX_FOR_PRESENTATION, DX_FOR_PROCESSING
+from xbmd.io.xray import (
+    CR_IMAGE_STORAGE,
+    DX_FOR_PRESENTATION,
+    DX_FOR_PROCESSING,
+    sniff_format,
+)
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 #: Body Part Examined values accepted by default (DICOM CID 4031 terms, spaces removed)
@@ -136,15 +141,7 @@ def _sniff(path: Path) -> str | None:
             head = fh.read(132)
     except OSError:
         return "dicom"  # unreadable: let the reader report it
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    return None
+    return sniff_format(head)
 
 
 def _header(path: Path):

@@ -229,9 +229,9 @@ def read_xray(
     return xray
 
 
-def _sniff_format(path: Path) -> str:
-    with path.open("rb") as f:
-        head = f.read(132)
+def sniff_format(head: bytes) -> str | None:
+    """'dicom', 'png', 'jpeg' or 'tiff' from a file's first 132 bytes (its magic numbers), None
+    when none matches. The one format sniffer of the readers and of batch input."""
     if head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -240,6 +240,14 @@ def _sniff_format(path: Path) -> str:
         return "jpeg"
     if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return "tiff"
+    return None
+
+
+def _sniff_format(path: Path) -> str:
+    with path.open("rb") as f:
+        kind = sniff_format(f.read(132))
+    if kind is not None:
+        return kind
     if path.suffix.lower() in _DICOM_SUFFIXES:
         return "dicom"  # DICOM without the 128-byte preamble, as some old CR systems write
     raise InputError(f"{path}: unrecognised image format; accepted: DICOM, PNG, TIFF, JPEG")
