@@ -43,21 +43,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from typer.testing import CliRunner
 
+from train_helpers import SMALL
 from xbmd.cli import app
 from xbmd.io.ct import read_ct, write_volume
 from xbmd.volume import Volume
 
 runner = CliRunner()
-
-#: A network small enough to train a step in a second (as tests/test_train.py).
-SMALL = {
-    "image_size": 64,
-    "batch_size": 2,
-    "val_fraction": 0.34,
-    "generator": {"channels": [8, 16, 32]},
-    "discriminator": {"scales": 2, "layers": 2, "channels": 8},
-    "stages": {"1": {"epochs": 1}, "2": {"epochs": 1}, "3": {"epochs": 1}, "loc": {"epochs": 1}},
-}
 
 
 def invoke(args: list[str]):

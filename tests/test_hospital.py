@@ -17,6 +17,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from train_helpers import SMALL
 from xbmd.cli import app
 from xbmd.dataset.manifest import read_manifest
 from xbmd.dataset.prepare import prepare_dataset
@@ -24,15 +25,6 @@ from xbmd.evaluation.site_fit import MIN_HIPS
 from xbmd.registration.optimise import RegistrationSettings
 from xbmd.synth.hospital import hospital_cohort
 
-#: The network of tests/test_train.py: small enough to take a few steps in seconds.
-SMALL = {
-    "image_size": 64,
-    "batch_size": 2,
-    "val_fraction": 0.34,
-    "generator": {"channels": [8, 16, 32]},
-    "discriminator": {"scales": 2, "layers": 2, "channels": 8},
-    "stages": {"1": {"epochs": 1}, "2": {"epochs": 1}, "3": {"epochs": 1}, "loc": {"epochs": 1}},
-}
 #: A shorter registration search than the default (as tests/test_prepare.py's registration test)
 #: to keep the test's time down; the quality checks that flag a registration are the default ones.
 QUICK = RegistrationSettings(level_pixels_mm=(3.2, 1.6), cma_starts=1, cma_generations=10)

@@ -15,6 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from train_helpers import SMALL
 from xbmd.cli import app
 from xbmd.dataset.format import load_sample, read_index
 from xbmd.errors import InputError
@@ -31,15 +32,6 @@ from xbmd.model.networks import Generator, build_generator
 from xbmd.synth.cohort import SynthSettings
 
 TINY = SynthSettings(ct_spacing_mm=3.0, xray_spacing_mm=1.6, poses=1, phantomless_fraction=0.0)
-#: A network small enough to take a few steps in seconds.
-SMALL = {
-    "image_size": 64,
-    "batch_size": 2,
-    "val_fraction": 0.34,
-    "generator": {"channels": [8, 16, 32]},
-    "discriminator": {"scales": 2, "layers": 2, "channels": 8},
-    "stages": {"1": {"epochs": 1}, "2": {"epochs": 1}, "3": {"epochs": 1}, "loc": {"epochs": 1}},
-}
 
 
 @pytest.fixture(scope="module")
