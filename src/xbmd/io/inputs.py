@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xbmd.io.formats import sniff_format
 from xbmd.io.xray import (
     CR_IMAGE_STORAGE,
     DX_FOR_PRESENTATION,
     DX_FOR_PROCESSING,
-    sniff_format,
 )
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"

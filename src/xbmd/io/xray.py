@@ -45,6 +45,7 @@ from pydicom.uid import (
 from xbmd.errors import InputError
 from xbmd.geometry import PerspectiveGeometry
 from xbmd.io import jpeg, orientation
+from xbmd.io.formats import sniff_format
 
 SPACING_SOURCES = ("ImagerPixelSpacing", "PixelSpacing", "user", "none")
 #: XRay.meta keys of the identifiers that link a result to its DICOM study (None when not DICOM).
@@ -227,20 +228,6 @@ def read_xray(
     elif xray.pixel_spacing_mm is None:
         xray.warnings.append(WARN_NO_SPACING)
     return xray
-
-
-def sniff_format(head: bytes) -> str | None:
-    """'dicom', 'png', 'jpeg' or 'tiff' from a file's first 132 bytes (its magic numbers), None
-    when none matches. The one format sniffer of the readers and of batch input."""
-    if head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    return None
 
 
 def _sniff_format(path: Path) -> str:
